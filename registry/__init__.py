@@ -1,0 +1,38 @@
+"""The adapter-registry contract: the only module train, serve and router share.
+
+An adapter is PEFT files plus an `mtft.json` record; `train` publishes,
+`serve` loads them into vLLM, `router` reads the task -> adapter table and
+renders prompts with the record's template.
+"""
+
+from .record import ADAPTER_FILES, RECORD_FILE, AdapterRecord, BaseModelRef, checksum, fingerprint
+from .servable import (
+    SERVABLE_MODULES,
+    SERVABLE_RANKS,
+    adapter_config_problems,
+    module_problems,
+    rank_problems,
+)
+from .store import Registry, RegistryError
+from .template import PromptTemplate, render_input, render_prompt, render_target, template_fields
+
+__all__ = [
+    "ADAPTER_FILES",
+    "RECORD_FILE",
+    "SERVABLE_MODULES",
+    "SERVABLE_RANKS",
+    "AdapterRecord",
+    "BaseModelRef",
+    "PromptTemplate",
+    "Registry",
+    "RegistryError",
+    "adapter_config_problems",
+    "checksum",
+    "fingerprint",
+    "module_problems",
+    "rank_problems",
+    "render_input",
+    "render_prompt",
+    "render_target",
+    "template_fields",
+]

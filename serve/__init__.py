@@ -1,0 +1,1 @@
+"""Serving: vLLM multi-LoRA from the adapter registry (issue 3; not built yet)."""

@@ -1,0 +1,94 @@
+"""The adapter registry: atomic, versioned publishing of adapters vLLM can serve."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, RegistryError, checksum
+
+
+@pytest.fixture(scope="session")
+def adapter_dir(tiny_base, tmp_path_factory) -> Path:
+    """A real PEFT LoRA adapter saved from the tiny base model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base)
+    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    out = tmp_path_factory.mktemp("adapter")
+    peft.save_pretrained(out)
+    return out
+
+
+def record(task="yesno") -> AdapterRecord:
+    return AdapterRecord(
+        task=task, prefix=f"{task}: ", template=PromptTemplate(input="{text}", target="{label}"),
+        base_model=BaseModelRef(name="tiny", path="/tiny", fingerprint="sha256:0"),
+        rank=8, alpha=16, target_modules=["q_proj", "v_proj"], metric="accuracy",
+        metrics={"base": 0.1, "adapter": 0.9}, max_new_tokens=4,
+    )
+
+
+def test_publish_writes_a_whole_versioned_folder(tmp_path, adapter_dir):
+    registry = Registry(tmp_path / "reg")
+    first = registry.publish(adapter_dir, record())
+    second = registry.publish(adapter_dir, record())
+    assert (first.version, second.version) == (1, 2)
+    assert second.name == "yesno-v2"
+    folder = registry.version_dir("yesno", 1)
+    assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "mtft.json"]
+    assert registry.read("yesno", 1).checksum == checksum(folder) == first.checksum
+    assert registry.latest()["yesno"].version == 2
+    assert [r.version for r in registry.records()] == [1, 2]
+    assert not list((tmp_path / "reg" / ".staging").iterdir())
+
+
+def with_config(adapter_dir: Path, tmp_path: Path, **changes) -> Path:
+    out = tmp_path / "changed"
+    shutil.copytree(adapter_dir, out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config.update(changes)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+UNSERVABLE = [
+    ({"r": 4}, r"rank 4 cannot be served by vLLM"),
+    ({"modules_to_save": ["lm_head"]}, r"modules_to_save \['lm_head'\] is set"),
+    ({"use_dora": True}, r"use_dora is set"),
+    ({"target_modules": ["q_proj", "embed_tokens"]}, r"\['embed_tokens'\] cannot be served"),
+    ({"target_modules": "all-linear"}, r"is the pattern 'all-linear'"),
+]
+
+
+@pytest.mark.parametrize("changes, message", UNSERVABLE, ids=[m for _, m in UNSERVABLE])
+def test_unservable_adapters_are_refused_and_nothing_is_published(tmp_path, adapter_dir, changes, message):
+    registry = Registry(tmp_path / "reg")
+    registry.publish(adapter_dir, record())
+    with pytest.raises(RegistryError, match=message):
+        registry.publish(with_config(adapter_dir, tmp_path, **changes), record())
+    assert registry.versions("yesno") == [1]
+    assert not list((tmp_path / "reg" / ".staging").iterdir())
+
+
+def test_a_folder_without_adapter_files_is_refused(tmp_path):
+    with pytest.raises(RegistryError, match=r"lacks \['adapter_config.json', 'adapter_model.safetensors'\]"):
+        Registry(tmp_path / "reg").publish(tmp_path, record())
+
+
+def test_a_registry_path_that_is_a_file_is_not_writable(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RegistryError, match=r"file/reg is not writable .*choose another --registry"):
+        Registry(tmp_path / "file" / "reg").check_writable()
+
+
+def test_a_damaged_record_is_skipped_not_served(tmp_path, adapter_dir):
+    registry = Registry(tmp_path / "reg")
+    registry.publish(adapter_dir, record())
+    registry.publish(adapter_dir, record())
+    (registry.version_dir("yesno", 2) / "mtft.json").write_text("{not json")
+    assert registry.latest()["yesno"].version == 1

@@ -1,0 +1,161 @@
+"""`mtft-train adapters` on the tiny model: masking, publishing, determinism, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from mtft.registry import Registry
+from mtft.train.batches import IGNORE, tokenize
+from mtft.train.cli import app
+from mtft.train.data import Example
+from mtft.train.run import RunOptions, train_adapters
+from mtft.train.spec import load_spec
+
+from conftest import tiny_spec
+
+
+def test_prompt_tokens_carry_no_loss_and_answers_end_with_the_end_token(tiny_base):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    example = Example(input="hello", prompt="yesno: hello\n", target="yes", where="x:1")
+    [item], truncated = tokenize([example], tokenizer, end_id=7, max_length=64)
+    prompt_len = len(tokenizer("yesno: hello\n").input_ids)
+    assert truncated == 0
+    assert item.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert item.labels[prompt_len:] == item.input_ids[prompt_len:]
+    assert item.labels[-1] == 7
+    [short], truncated = tokenize([example], tokenizer, end_id=7, max_length=prompt_len)
+    assert truncated == 1 and short.labels[-1] == 7 and len(short.input_ids) == prompt_len
+
+
+def test_training_publishes_one_evaluated_adapter_per_task(trained):
+    spec, options, results = trained
+    assert [r.task for r in results] == ["yesno", "echo"]
+    latest = Registry(options.registry).latest()
+    for result in results:
+        record = latest[result.task]
+        assert record.version == result.version == 1
+        assert record.metrics == {"base": result.base, "adapter": result.adapter}
+        assert record.base_model.fingerprint.startswith("sha256:")
+        assert record.template.model_copy(update={"chat_template": None}) == spec.task(result.task).template
+        assert (record.template.chat_template is not None) == (record.template.format == "chat")
+        rows = [json.loads(x) for x in (options.output / result.task / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if "loss" in r]
+        assert len(losses) == spec.training.max_steps
+        assert sum(losses[-3:]) < sum(losses[:3]), "loss did not go down"
+        assert any("eval" in r and "loss" in r for r in rows), "no evaluation during training"
+        config = json.loads((Registry(options.registry).version_dir(result.task, 1) / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == record.base_model.path
+    assert (options.output / "curves.png").stat().st_size > 10_000
+
+
+def adapter_weights(registry: Path, task: str, version: int = 1) -> dict:
+    return load_file(Registry(registry).version_dir(task, version) / "adapter_model.safetensors")
+
+
+def test_the_same_seed_gives_the_same_adapter(trained, tmp_path):
+    spec, options, _ = trained
+    again = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg", tasks=["yesno"])
+    train_adapters(spec, again)
+    first, second = adapter_weights(options.registry, "yesno"), adapter_weights(again.registry, "yesno")
+    assert first.keys() == second.keys()
+    assert all((first[k] == second[k]).all() for k in first)
+
+
+def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(trained, tmp_path, tiny_base):
+    spec, options, _ = trained
+    spec_path = tiny_spec(tmp_path, tiny_base, max_steps=300, checkpoint_every=1, eval_every=None)
+    command = [sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(spec_path), "--task", "yesno",
+               "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
+    metrics = tmp_path / "run" / "yesno" / "metrics.jsonl"
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(metrics.read_text().splitlines())
+    assert 20 <= killed_at < 300, "the run was not killed mid-way"
+    assert not Registry(tmp_path / "reg").versions("yesno"), "a killed run published an adapter"
+
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming at step" in result.stderr
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if "loss" in x]
+    assert [r["step"] for r in rows] == list(range(1, 301))
+
+    reference = RunOptions(output=tmp_path / "ref", registry=tmp_path / "ref-reg", tasks=["yesno"])
+    train_adapters(load_spec(spec_path), reference)
+    resumed, straight = adapter_weights(tmp_path / "reg", "yesno"), adapter_weights(reference.registry, "yesno")
+    assert all((resumed[k] == straight[k]).all() for k in straight)
+
+
+def test_retraining_publishes_the_next_version(trained, tmp_path):
+    spec, options, _ = trained
+    registry = tmp_path / "reg"
+    for _ in range(2):
+        train_adapters(spec, RunOptions(output=tmp_path / "run", registry=registry, tasks=["echo"]))
+    assert Registry(registry).versions("echo") == [1, 2]
+
+
+def cli(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_cli_bad_input_fails_before_training_and_leaves_the_registry_alone(trained, tmp_path, tiny_base):
+    _, options, _ = trained
+    before = sorted(p.relative_to(options.registry) for p in options.registry.rglob("*"))
+    spec_path = tiny_spec(tmp_path, tiny_base)
+    cases = {
+        "unknown base": ({"base_model": "nobody/nothing"}, r"nobody/nothing"),
+        "rank": ({"lora": {"rank": 5}}, r"rank 5 cannot be served by vLLM"),
+        "typo": ({"trainig": {}}, r"trainig: unknown key"),
+    }
+    for name, (change, message) in cases.items():
+        raw = yaml.safe_load(spec_path.read_text())
+        raw.update(change)
+        bad = tmp_path / f"{name.replace(' ', '_')}.yaml"
+        bad.write_text(yaml.safe_dump(raw))
+        result = cli("adapters", "--config", str(bad), "--registry", str(options.registry),
+                     "--output", str(tmp_path / "out"))
+        assert result.exit_code == 2, (name, result.output)
+        assert __import__("re").search(message, result.output), (name, result.output)
+        assert "Traceback" not in result.output
+    result = cli("adapters", "--config", str(spec_path), "--task", "nope", "--registry", str(options.registry))
+    assert result.exit_code == 2 and "--task 'nope' is not in the spec" in result.output
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    result = cli("adapters", "--config", str(spec_path), "--registry", str(blocked / "reg"))
+    assert result.exit_code == 2 and "is not writable" in result.output
+    assert sorted(p.relative_to(options.registry) for p in options.registry.rglob("*")) == before
+
+
+def test_check_validates_without_training(tmp_path, tiny_base):
+    result = cli("adapters", "--config", str(tiny_spec(tmp_path, tiny_base)), "--check",
+                 "--registry", str(tmp_path / "reg"))
+    assert result.exit_code == 0, result.output
+    assert "OK (2 tasks)" in result.output
+    assert not Registry(tmp_path / "reg").latest()
+
+
+def test_registry_list_shows_published_adapters_with_metrics(trained):
+    _, options, results = trained
+    result = cli("registry", "list", "--registry", str(options.registry))
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split()[:6] == ["task", "version", "prefix", "metric", "base", "adapter"]
+    assert {line.split()[0] for line in lines[1:]} == {"yesno", "echo"}
+    as_json = [json.loads(x) for x in cli("registry", "list", "--json", "--registry", str(options.registry)).output.splitlines()]
+    assert {r["task"]: r["metrics"]["adapter"] for r in as_json} == {r.task: r.adapter for r in results}

@@ -1,0 +1,229 @@
+"""`mtft-train adapters`: one LoRA per task on a frozen base, evaluated and published.
+
+Everything that can fail on bad input (spec, data rows, base model, registry)
+is checked before the first training step. A run directory records which
+tasks are done, so `--resume` skips them and continues the interrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, fingerprint
+
+from . import loop
+from .base import resolve_base
+from .batches import tokenize
+from .data import TaskData, load_task_data
+from .evaluate import evaluate
+from .plot import plot_curves
+from .spec import Spec, SpecError, TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    output: Path
+    registry: Path
+    tasks: list[str] | None = None
+    resume: bool = False
+
+
+class TaskState(BaseModel):
+    base_score: float | None = None
+    adapter_score: float | None = None
+    version: int | None = None
+
+
+class RunState(BaseModel):
+    """`state.json` in the run directory: what a resumed run can skip."""
+
+    tasks: dict[str, TaskState] = {}
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        return cls.model_validate_json(path.read_text()) if path.exists() else cls()
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    metric: str
+    base: float
+    adapter: float
+    version: int
+
+
+def set_threads(requested: int | None) -> int:
+    """All cores by default; a server beside training should get an explicit lower count."""
+    threads = requested or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    reason = "from the spec" if requested else "all cores (set training.threads to share the machine)"
+    log.info("using %d CPU threads: %s", threads, reason)
+    return threads
+
+
+def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
+    from accelerate import Accelerator
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tasks = _select(spec, options.tasks)
+    registry = Registry(options.registry)
+    registry.check_writable()
+    base_dir = resolve_base(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    templates = {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks}
+    data = _load_data(spec, tasks, templates)
+    base_ref = BaseModelRef(name=spec.base_model, path=str(base_dir), fingerprint=fingerprint(base_dir))
+
+    options.output.mkdir(parents=True, exist_ok=True)
+    (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
+    state_path = options.output / "state.json"
+    state = RunState.load(state_path) if options.resume else RunState()
+    set_threads(spec.training.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(spec.training.seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(accelerator.device)
+    model.requires_grad_(False)
+
+    results = []
+    for task in tasks:
+        task_state = state.tasks.setdefault(task.name, TaskState())
+        end_ids = _end_ids(tokenizer, task.template)
+        task_dir = options.output / task.name
+        task_dir.mkdir(exist_ok=True)
+
+        def run_eval(m, _task=task, _ids=end_ids) -> float:
+            return evaluate(m, tokenizer, data[_task.name].eval, _task.metric, _task.labels,
+                            _task.max_new_tokens, _ids, spec.training.eval_batch_size).score
+
+        if task_state.version is None:
+            if task_state.base_score is None:
+                task_state.base_score = run_eval(model)
+                state.save(state_path)
+                log.info("%s: base model %s = %.3f", task.name, task.metric, task_state.base_score)
+            torch.manual_seed(spec.training.seed)  # the same initial LoRA however many tasks ran before
+            lora = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
+                              target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
+            peft_model = get_peft_model(model, lora)
+            items, truncated = tokenize(data[task.name].train, tokenizer, end_ids[0], spec.training.max_length)
+            if truncated:
+                log.warning("%s: %d examples longer than max_length=%d lost the start of their prompt",
+                            task.name, truncated, spec.training.max_length)
+            job = loop.Job(task.name, items, spec.training, task_dir,
+                           _config_hash(spec, task, base_ref.fingerprint), _pad_id(tokenizer, end_ids))
+            trainable = [p for p in peft_model.parameters() if p.requires_grad]
+            loop.train(peft_model, trainable, job, accelerator, options.resume,
+                       on_eval=lambda step: run_eval(peft_model))
+            task_state.adapter_score = run_eval(peft_model)
+            _log_evals(task_dir / "metrics.jsonl", task_state, job.total_steps)
+            adapter_dir = task_dir / "adapter"
+            peft_model.save_pretrained(adapter_dir)
+            _point_config_at(adapter_dir, base_dir)
+            record = AdapterRecord(
+                task=task.name, prefix=task.prefix, template=templates[task.name], base_model=base_ref,
+                rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=list(spec.lora.target_modules),
+                metric=task.metric, metrics={"base": task_state.base_score, "adapter": task_state.adapter_score},
+                eval_examples=len(data[task.name].eval), max_new_tokens=task.max_new_tokens,
+            )
+            task_state.version = registry.publish(adapter_dir, record).version
+            state.save(state_path)
+            model = peft_model.unload()
+        results.append(TaskResult(task.name, task.metric, task_state.base_score,
+                                  task_state.adapter_score, task_state.version))
+    plot_curves({t.name: options.output / t.name / "metrics.jsonl" for t in tasks},
+                options.output / "curves.png", {t.name: t.metric for t in tasks})
+    return results
+
+
+def prepare(spec: Spec, options: RunOptions) -> None:
+    """Every check `train_adapters` makes before training, without training (`--check`)."""
+    tasks = _select(spec, options.tasks)
+    Registry(options.registry).check_writable()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(spec.base_model))
+    _load_data(spec, tasks, {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks})
+
+
+def _select(spec: Spec, names: list[str] | None) -> list[TaskSpec]:
+    if not names:
+        return spec.tasks
+    known = [t.name for t in spec.tasks]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SpecError(str(spec.source), [f"--task {n!r} is not in the spec; tasks are {known}" for n in unknown])
+    return [spec.task(n) for n in names]
+
+
+def _load_data(spec: Spec, tasks: list[TaskSpec], templates: dict[str, PromptTemplate]) -> dict[str, TaskData]:
+    data, problems = {}, []
+    for task in tasks:
+        try:
+            data[task.name] = load_task_data(spec, task, templates[task.name], spec.training.seed)
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(str(spec.source), problems)
+    return data
+
+
+def _with_chat_template(template: PromptTemplate, tokenizer, task: str) -> PromptTemplate:
+    if template.format != "chat":
+        return template
+    if not tokenizer.chat_template:
+        raise SpecError(task, [f"task {task!r} uses format: chat but the base model's tokenizer has no chat template"])
+    return template.model_copy(update={"chat_template": tokenizer.chat_template})
+
+
+def _end_ids(tokenizer, template: PromptTemplate) -> list[int]:
+    """Answers end with the chat end token in chat format, with EOS in plain format."""
+    eos = tokenizer.eos_token_id
+    if template.format == "chat":
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if im_end is not None and im_end != tokenizer.unk_token_id:
+            return [im_end] + ([eos] if eos is not None and eos != im_end else [])
+    return [eos]
+
+
+def _pad_id(tokenizer, end_ids: list[int]) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+
+
+def _config_hash(spec: Spec, task: TaskSpec, base_fingerprint: str) -> str:
+    shaping = {
+        "task": task.model_dump(mode="json"),
+        "lora": spec.lora.model_dump(mode="json"),
+        "training": spec.training.model_dump(mode="json", exclude={"eval_every", "checkpoint_every", "threads", "eval_batch_size"}),
+        "base": base_fingerprint,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+
+def _point_config_at(adapter_dir: Path, base_dir: Path) -> None:
+    """vLLM's filesystem resolver matches base_model_name_or_path to the served --model."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    path.write_text(json.dumps(config, indent=2))
+
+
+def _log_evals(metrics_path: Path, state: TaskState, steps: int) -> None:
+    with metrics_path.open("a") as handle:
+        handle.write(json.dumps({"step": 0, "eval": state.base_score, "model": "base"}) + "\n")
+        handle.write(json.dumps({"step": steps, "eval": state.adapter_score, "model": "adapter"}) + "\n")

@@ -1,0 +1,227 @@
+"""The task spec: a YAML file naming the base model, the tasks and how to train them.
+
+Loading validates everything that can be checked before training starts and
+reports every problem at once, each with the YAML line it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mtft.registry import (
+    SERVABLE_MODULES,
+    PromptTemplate,
+    module_problems,
+    rank_problems,
+)
+from mtft.registry.record import TASK_NAME
+
+from .metrics import METRICS
+
+
+class SpecError(Exception):
+    """A task spec (or its data) is invalid; the message lists every problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{source}: {len(problems)} {noun}:\n{lines}")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSpec(Strict):
+    """Where a task's examples come from. Paths are relative to the spec file."""
+
+    train: Path = Field(description="JSONL, CSV/TSV, or a `datasets` folder (`folder#split`)")
+    eval: Path | None = Field(default=None, description="held-out examples; else eval_fraction")
+    eval_fraction: float = Field(default=0.1, gt=0, lt=1)
+
+
+class Limits(Strict):
+    train_examples: int | None = Field(default=None, gt=0)
+    eval_examples: int | None = Field(default=None, gt=0)
+
+
+class TaskSpec(Strict):
+    name: str
+    prefix: str = Field(description="routing prefix the prompt starts with, e.g. 'ticket: '")
+    template: PromptTemplate
+    data: DataSpec
+    metric: str = "exact_match"
+    labels: list[str] | None = Field(default=None, description="accuracy only: the valid labels")
+    max_new_tokens: int = Field(default=32, gt=0, le=2048)
+    limits: Limits = Limits()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not TASK_NAME.match(value):
+            raise ValueError("must be lowercase letters, digits, '-' or '_' (at most 64)")
+        return value
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty; the router matches requests on it")
+        return value
+
+    @field_validator("metric")
+    @classmethod
+    def _metric(cls, value: str) -> str:
+        if value not in METRICS:
+            raise ValueError(f"unknown metric {value!r}; choose from {sorted(METRICS)}")
+        return value
+
+
+class LoraSpec(Strict):
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    target_modules: list[str] = Field(default_factory=lambda: list(SERVABLE_MODULES))
+
+    @model_validator(mode="after")
+    def _servable(self) -> LoraSpec:
+        problems = rank_problems(self.rank) + module_problems(self.target_modules)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+class TrainingSpec(Strict):
+    max_steps: int | None = Field(default=None, gt=0, description="optimizer steps per task")
+    epochs: float | None = Field(default=None, gt=0, description="used when max_steps is unset")
+    learning_rate: float = Field(default=2e-4, gt=0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    batch_size: int = Field(default=8, gt=0)
+    grad_accum: int = Field(default=1, gt=0)
+    max_length: int = Field(default=256, gt=8)
+    batching: Literal["length", "random"] = Field(
+        default="length", description="length: batches of similar length (less padding)"
+    )
+    seed: int = 0
+    eval_every: int | None = Field(default=None, gt=0, description="steps between evaluations")
+    checkpoint_every: int = Field(default=25, gt=0)
+    threads: int | None = Field(default=None, gt=0, description="CPU threads; default: all cores")
+    eval_batch_size: int = Field(default=16, gt=0)
+
+    @model_validator(mode="after")
+    def _length(self) -> TrainingSpec:
+        if self.max_steps is None and self.epochs is None:
+            self.epochs = 1.0
+        return self
+
+
+class Spec(Strict):
+    """A whole task spec. `source` is the YAML file it was loaded from."""
+
+    base_model: str = "smollm2-135m"
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    tasks: list[TaskSpec]
+    source: Path = Field(default=Path("."), exclude=True)
+
+    def task(self, name: str) -> TaskSpec:
+        return next(t for t in self.tasks if t.name == name)
+
+    def resolve(self, path: Path) -> Path:
+        """Data paths are relative to the spec file, so a spec folder can move as a whole."""
+        return path if path.is_absolute() else self.source.parent / path
+
+
+def load_spec(path: Path) -> Spec:
+    """Parse and validate a spec; raise SpecError listing every problem with its YAML line."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot read the spec: {exc.strerror}"]) from exc
+    try:
+        root = yaml.compose(text)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(where, [f"malformed YAML: {getattr(exc, 'problem', exc)}"]) from exc
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), ["the spec must be a mapping with at least 'tasks'"])
+    try:
+        spec = Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(str(path), [_describe(err, root, path) for err in exc.errors()]) from exc
+    spec.source = path.resolve()
+    problems = _cross_checks(spec, root, path)
+    if problems:
+        raise SpecError(str(path), problems)
+    return spec
+
+
+def _describe(err, root, path: Path) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    line = _line_of(root, err["loc"])
+    where = f"{path}:{line}" if line else str(path)
+    message = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        message = "unknown key (misspelt?)"
+    elif err["type"] == "missing":
+        message = "required key is missing"
+    return f"{where}: {loc}: {message}"
+
+
+def _line_of(node, loc) -> int | None:
+    """The 1-based YAML line of the value at `loc` (or its nearest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = [(k, v) for k, v in node.value if k.value == key]
+            if not match:
+                break
+            key_node, node = match[0]
+            line = key_node.start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _cross_checks(spec: Spec, root, path: Path) -> list[str]:
+    problems = []
+    if not spec.tasks:
+        problems.append(f"{path}: tasks: no tasks; add at least one")
+    seen_names: dict[str, int] = {}
+    seen_prefixes: dict[str, int] = {}
+    for i, task in enumerate(spec.tasks):
+        where = f"{path}:{_line_of(root, ('tasks', i))}: tasks.{i}"
+        if task.name in seen_names:
+            problems.append(f"{where}.name: {task.name!r} is also task {seen_names[task.name]}'s name")
+        seen_names.setdefault(task.name, i)
+        if task.prefix in seen_prefixes:
+            other = spec.tasks[seen_prefixes[task.prefix]].name
+            problems.append(
+                f"{where}.prefix: {task.prefix!r} is also the prefix of task {other!r}; "
+                "the router could not tell them apart"
+            )
+        seen_prefixes.setdefault(task.prefix, i)
+        if task.labels is not None and task.metric != "accuracy":
+            problems.append(f"{where}.labels: only used with metric: accuracy")
+        for role in ("train", "eval"):
+            data_path = getattr(task.data, role)
+            if data_path is not None and not _data_exists(spec.resolve(data_path)):
+                problems.append(f"{where}.data.{role}: {spec.resolve(data_path)} does not exist")
+    return problems
+
+
+def _data_exists(path: Path) -> bool:
+    return Path(str(path).split("#", 1)[0]).exists()
