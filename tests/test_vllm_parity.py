@@ -1,0 +1,66 @@
+"""vLLM (CPU build, offline engine) serves our adapters token for token like HF + PEFT."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtft.registry import Registry, render_prompt
+
+NEW_TOKENS = 8
+ENGINE = Path(__file__).with_name("vllm_greedy.py")
+
+
+def hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
+    """A plain argmax loop: no generate() options that could bend the comparison."""
+    out = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").input_ids
+            new = []
+            for _ in range(NEW_TOKENS):
+                token = int(model(input_ids=ids).logits[0, -1].argmax())
+                new.append(token)
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            out.append(new)
+    return out
+
+
+@pytest.mark.slow
+def test_vllm_greedy_tokens_equal_hf_peft_for_every_adapter(trained, tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, options, _ = trained
+    registry = Registry(options.registry)
+    records = registry.latest()
+    words = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
+    prompts = {task: [render_prompt(r.template, r.prefix, w) for w in words] for task, r in records.items()}
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    expected = {"base": hf_greedy(base, tokenizer, prompts["yesno"])}
+    for task, record in records.items():
+        model = PeftModel.from_pretrained(base, registry.version_dir(task, record.version)).eval()
+        expected[task] = hf_greedy(model, tokenizer, prompts[task])
+        base = model.unload()
+
+    request = {
+        "model": str(tiny_base),
+        "adapters": {t: str(registry.version_dir(t, r.version)) for t, r in records.items()},
+        "prompts": {"base": prompts["yesno"], **prompts},
+        "max_tokens": NEW_TOKENS,
+    }
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    run = subprocess.run([sys.executable, str(ENGINE), str(tmp_path / "request.json"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    served = json.loads((tmp_path / "out.json").read_text())
+    assert served == expected
+    # The comparison means something only if the adapters change the output.
+    assert expected["yesno"] != expected["base"]

