@@ -5,6 +5,7 @@ An adapter is PEFT files plus an `mtft.json` record; `train` publishes,
 renders prompts with the record's template.
 """
 
+from .check import confinement_problems, servable_problems
 from .record import ADAPTER_FILES, RECORD_FILE, AdapterRecord, BaseModelRef, checksum, fingerprint
 from .servable import (
     SERVABLE_MODULES,
@@ -28,11 +29,13 @@ __all__ = [
     "RegistryError",
     "adapter_config_problems",
     "checksum",
+    "confinement_problems",
     "fingerprint",
     "module_problems",
     "rank_problems",
     "render_input",
     "render_prompt",
     "render_target",
+    "servable_problems",
     "template_fields",
 ]
