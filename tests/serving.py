@@ -1,0 +1,87 @@
+"""Helpers for the serving tests: start `mtft-serve` as a real process, publish adapter copies."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from mtft.registry import AdapterRecord, Registry
+
+API_KEY = "test-key"
+LIMITED_KEY = "limited-key"  # may use yesno only
+ADMIN_KEY = "admin-key"
+
+
+@dataclass
+class RunningStack:
+    url: str
+    registry: Path
+    state_dir: Path
+    process: subprocess.Popen
+
+    def state(self) -> dict:
+        return json.loads((self.state_dir / "ready.json").read_text())
+
+    def admin(self, method: str, path: str = "", **kwargs) -> httpx.Response:
+        return httpx.request(method, f"{self.url}/admin/adapters{path}", timeout=30,
+                             headers={"Authorization": f"Bearer {ADMIN_KEY}"}, **kwargs)
+
+    def wait_ready(self, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.logs()
+            try:
+                if httpx.get(self.url + "/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"stack not ready after {timeout_s} s\n{self.logs()}")
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.state_dir.glob("*.log")))
+
+
+def start_stack(registry: Path, state_dir: Path, port: int, *flags: str) -> RunningStack:
+    env = {**os.environ, "MTFT_API_KEYS": f"{API_KEY},{LIMITED_KEY}=yesno", "MTFT_ADMIN_KEY": ADMIN_KEY}
+    argv = [str(Path(sys.executable).with_name("mtft-serve")), "--registry", str(registry),
+            "--port", str(port), "--state-dir", str(state_dir), "--dtype", "float32", "--poll-s", "0.5",
+            "--vllm-arg=--max-model-len=256", "--vllm-arg=--seed=0", *flags]
+    log = open(state_dir / "serve.log", "ab")
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    stack = RunningStack(f"http://127.0.0.1:{port}", registry, state_dir, process)
+    deadline = time.monotonic() + 600
+    while not (state_dir / "ready.json").exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_stack(stack)
+            raise RuntimeError(f"mtft-serve did not start\n{stack.logs()}")
+        time.sleep(0.25)
+    return stack
+
+
+def stop_stack(stack: RunningStack) -> None:
+    stack.process.send_signal(signal.SIGTERM)
+    stack.process.wait(60)
+
+
+def publish_copy(source: Registry, task: str, target: Registry, **changes) -> AdapterRecord:
+    """Publish `task`'s newest adapter from `source` into `target`, its record changed by `changes`."""
+    record = source.latest()[task]
+    new = record.model_copy(update=changes)
+    return target.publish(source.version_dir(task, record.version), new)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
