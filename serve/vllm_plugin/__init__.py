@@ -1,0 +1,9 @@
+"""A vLLM general plugin: grouped, correct LoRA ops for vLLM's CPU build (docs/vllm-cpu-lora-plugin.md).
+
+Installed with mtft, it loads in every vLLM process through the `vllm.general_plugins` entry
+point `mtft_cpu_lora`; `MTFT_VLLM_CPU_LORA_OPS=0` turns it off.
+"""
+
+from .plugin import ENV, TESTED_VERSIONS, is_patched, patch, register, restore, vllm_ops
+
+__all__ = ["ENV", "TESTED_VERSIONS", "is_patched", "patch", "register", "restore", "vllm_ops"]

