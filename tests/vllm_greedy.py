@@ -1,8 +1,10 @@
 """Greedy token ids from vLLM's offline engine, one LoRARequest per adapter (run as a script).
 
 A separate process: vLLM's engine spawns workers and must own its main module.
-Input: a JSON file {model, adapters: {name: path}, prompts: {name|"base": [...]}, max_tokens}.
-Output: a JSON file {name: [[token ids] per prompt]} (vLLM logs to stdout, so not there).
+Input: a JSON file {model, adapters: {name: path}, prompts: {name|"base": [...]}, max_tokens}, and
+optionally mixed: [[name|"base", prompt], ...], all sent in ONE generate call (one batch).
+Output: a JSON file {name: [[token ids] per prompt], "mixed": [...] if asked} (vLLM logs to
+stdout, so not there). mtft's CPU LoRA ops plugin is on unless MTFT_VLLM_CPU_LORA_OPS=0.
 """
 
 import json
@@ -26,5 +28,9 @@ if __name__ == "__main__":
         # (see NOTES-vllm-cpu.md); parity of batched mixing is the server's concern.
         results = llm.generate(prompts, params, lora_request=loras.get(name), use_tqdm=False)
         out[name] = [list(r.outputs[0].token_ids) for r in results]
+    if "mixed" in request:
+        names, prompts = zip(*request["mixed"])
+        results = llm.generate(list(prompts), params, lora_request=[loras.get(n) for n in names], use_tqdm=False)
+        out["mixed"] = [list(r.outputs[0].token_ids) for r in results]
     with open(sys.argv[2], "w") as handle:
         json.dump(out, handle)

