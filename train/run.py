@@ -80,15 +80,11 @@ def set_threads(requested: int | None) -> int:
 def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tasks = _select(spec, options.tasks)
+    ready = prepare(spec, options)
+    tasks, tokenizer, templates, data, base_dir = ready.tasks, ready.tokenizer, ready.templates, ready.data, ready.base_dir
     registry = Registry(options.registry)
-    registry.check_writable()
-    base_dir = resolve_base(spec.base_model)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    templates = {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks}
-    data = _load_data(spec, tasks, templates)
     base_ref = BaseModelRef(name=spec.base_model, path=str(base_dir), fingerprint=fingerprint(base_dir))
 
     options.output.mkdir(parents=True, exist_ok=True)
@@ -151,14 +147,27 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
     return results
 
 
-def prepare(spec: Spec, options: RunOptions) -> None:
-    """Every check `train_adapters` makes before training, without training (`--check`)."""
-    tasks = _select(spec, options.tasks)
-    Registry(options.registry).check_writable()
+@dataclass(frozen=True)
+class Prepared:
+    """Everything validated before training: the selected tasks and their data."""
+
+    tasks: list[TaskSpec]
+    base_dir: Path
+    tokenizer: object
+    templates: dict[str, PromptTemplate]
+    data: dict[str, TaskData]
+
+
+def prepare(spec: Spec, options: RunOptions) -> Prepared:
+    """Every check that can fail on bad input, before any training (also `--check`)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_base(spec.base_model))
-    _load_data(spec, tasks, {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks})
+    tasks = _select(spec, options.tasks)
+    Registry(options.registry).check_writable()
+    base_dir = resolve_base(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    templates = {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks}
+    return Prepared(tasks, base_dir, tokenizer, templates, _load_data(spec, tasks, templates))
 
 
 def _select(spec: Spec, names: list[str] | None) -> list[TaskSpec]:
