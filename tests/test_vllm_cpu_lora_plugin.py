@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from test_vllm_parity import ENGINE, hf_greedy
+from test_vllm_parity import ENGINE, hf_peft_greedy
 
 from mtft.registry import Registry, render_prompt
 from mtft.serve.vllm_plugin import ENV
@@ -36,22 +35,13 @@ def serve_greedy(request: dict, folder: Path, plugin: bool) -> dict:
 
 @pytest.mark.slow
 def test_base_and_adapter_prompts_in_one_batch_each_get_their_own_answer(trained, tiny_base, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     _, options, _ = trained
     registry = Registry(options.registry)
     records = registry.latest()
     prompts = {task: [render_prompt(r.template, r.prefix, w) for w in WORDS] for task, r in records.items()}
     prompts["base"] = prompts["yesno"]  # the base model on the same prompts as an adapter
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
-    expected = {"base": hf_greedy(base, tokenizer, prompts["base"])}
-    for task, record in records.items():
-        model = PeftModel.from_pretrained(base, registry.version_dir(task, record.version)).eval()
-        expected[task] = hf_greedy(model, tokenizer, prompts[task])
-        base = model.unload()
+    expected = hf_peft_greedy(tiny_base, registry, prompts)
     assert all(expected[task] != expected["base"] for task in records)  # or the test proves nothing
 
     # Interleaved, so every batch step holds base rows between rows of different adapters.

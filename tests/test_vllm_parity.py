@@ -31,24 +31,31 @@ def hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-@pytest.mark.slow
-def test_vllm_greedy_tokens_equal_hf_peft_for_every_adapter(trained, tiny_base, tmp_path):
+def hf_peft_greedy(base_folder: Path, registry: Registry, prompts: dict[str, list[str]]) -> dict:
+    """HF greedy tokens for {"base" | task: prompts}, each task through its latest adapter with PEFT."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
+    records = registry.latest()
+    expected = {"base": hf_greedy(base, tokenizer, prompts["base"])}
+    for task in prompts.keys() - {"base"}:
+        model = PeftModel.from_pretrained(base, registry.version_dir(task, records[task].version)).eval()
+        expected[task] = hf_greedy(model, tokenizer, prompts[task])
+        base = model.unload()
+    return expected
+
+
+@pytest.mark.slow
+def test_vllm_greedy_tokens_equal_hf_peft_for_every_adapter(trained, tiny_base, tmp_path):
     _, options, _ = trained
     registry = Registry(options.registry)
     records = registry.latest()
     words = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
     prompts = {task: [render_prompt(r.template, r.prefix, w) for w in words] for task, r in records.items()}
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
-    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
-    expected = {"base": hf_greedy(base, tokenizer, prompts["yesno"])}
-    for task, record in records.items():
-        model = PeftModel.from_pretrained(base, registry.version_dir(task, record.version)).eval()
-        expected[task] = hf_greedy(model, tokenizer, prompts[task])
-        base = model.unload()
+    expected = hf_peft_greedy(tiny_base, registry, {"base": prompts["yesno"], **prompts})
 
     request = {
         "model": str(tiny_base),
