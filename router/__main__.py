@@ -14,6 +14,7 @@ def main(argv: list[str]) -> None:
     if len(argv) != 1:
         sys.exit("usage: python -m mtft.router CONFIG.{json,yaml}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     config = RouterConfig.load(Path(argv[0]))
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
 

@@ -89,7 +89,8 @@ def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchan
     sent = body.model_dump(exclude_unset=True)
     wants_usage = bool((sent.get("stream_options") or {}).get("include_usage"))
     if route.record is None:
-        payload = {**sent, "model": route.upstream_model}
+        # Greedy by default here too: one endpoint, one default (OpenAI's own is 1.0).
+        payload = {"temperature": 0.0, **sent, "model": route.upstream_model}
         return Exchange(path, _with_usage(payload, body.stream), False, wants_usage)
     record = route.record
     if isinstance(body, ChatBody):

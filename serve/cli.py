@@ -43,6 +43,7 @@ def serve(
 ) -> None:
     """Serve every task adapter in REGISTRY behind one OpenAI-compatible endpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     overrides = {k: v for k, v in locals().items() if k not in ("config", "vllm_arg")}
     overrides["vllm_args"] = vllm_arg or None
     try:

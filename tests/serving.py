@@ -1,4 +1,9 @@
-"""Helpers for the serving tests: start `mtft-serve` as a real process, publish adapter copies."""
+"""Fixtures and helpers for the serving tests (a pytest plugin: `pytest_plugins = ["serving"]`).
+
+A plugin, not a test module's fixture, so test_serve.py and test_serve_hotadd.py
+share ONE session stack: `mtft-serve` as a real process (vLLM takes ~25-60 s
+to start on 2 cores). Each test leaves yesno and echo served as it found them.
+"""
 
 from __future__ import annotations
 
@@ -12,8 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import openai
+import pytest
 
 from mtft.registry import AdapterRecord, Registry
+from mtft.serve.stack import free_port
 
 API_KEY = "test-key"
 LIMITED_KEY = "limited-key"  # may use yesno only
@@ -72,11 +80,10 @@ def stop_stack(stack: RunningStack) -> None:
     stack.process.wait(60)
 
 
-def publish_copy(source: Registry, task: str, target: Registry, **changes) -> AdapterRecord:
-    """Publish `task`'s newest adapter from `source` into `target`, its record changed by `changes`."""
-    record = source.latest()[task]
-    new = record.model_copy(update=changes)
-    return target.publish(source.version_dir(task, record.version), new)
+def publish_copy(source: Registry, copied: str, target: Registry, **changes) -> AdapterRecord:
+    """Publish task `copied`'s newest adapter from `source` into `target`, its record changed by `changes`."""
+    record = source.latest()[copied]
+    return target.publish(source.version_dir(copied, record.version), record.model_copy(update=changes))
 
 
 def alive(pid: int) -> bool:
@@ -85,3 +92,29 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.fixture(scope="session")
+def stack_session(trained, tmp_path_factory) -> RunningStack:
+    import shutil
+
+    _, options, _ = trained
+    registry = tmp_path_factory.mktemp("serve") / "registry"
+    shutil.copytree(options.registry, registry)
+    stack = start_stack(registry, tmp_path_factory.mktemp("serve-state"), free_port())
+    yield stack
+    pids = [stack.state()["vllm_pid"], stack.state()["router_pid"]]
+    stop_stack(stack)
+    assert stack.process.returncode == 0, stack.logs()
+    assert not [pid for pid in pids if alive(pid)], "mtft-serve left children running"
+
+
+@pytest.fixture
+def stack(stack_session: RunningStack) -> RunningStack:
+    stack_session.wait_ready()
+    return stack_session
+
+
+@pytest.fixture
+def client(stack: RunningStack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=API_KEY, max_retries=0)

