@@ -30,6 +30,8 @@ ADMIN_KEY = "admin-key"
 
 @dataclass
 class RunningStack:
+    api_key = API_KEY
+    limited_key = LIMITED_KEY
     url: str
     registry: Path
     state_dir: Path
@@ -53,6 +55,10 @@ class RunningStack:
                 pass
             time.sleep(0.25)
         raise TimeoutError(f"stack not ready after {timeout_s} s\n{self.logs()}")
+
+    def publish_copy(self, copied: str, target: Registry | None = None, **changes) -> AdapterRecord:
+        """Publish task `copied`'s newest adapter again (into `target`, default this registry), record changed."""
+        return publish_copy(Registry(self.registry), copied, target or Registry(self.registry), **changes)
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.state_dir.glob("*.log")))

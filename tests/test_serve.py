@@ -12,8 +12,6 @@ import torch
 
 from mtft.registry import Registry, render_prompt
 
-from serving import API_KEY, LIMITED_KEY
-
 pytest_plugins = ["serving"]
 pytestmark = pytest.mark.slow
 WORDS = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london", "over the dog"]
@@ -152,11 +150,11 @@ def test_bad_keys_are_refused(stack):
         complete(client("wrong"), "yesno: hello")
     with pytest.raises(openai.AuthenticationError):
         client("wrong").models.list()
-    assert complete(client(LIMITED_KEY), "yesno: hello")
+    assert complete(client(stack.limited_key), "yesno: hello")
     with pytest.raises(openai.PermissionDeniedError):
-        complete(client(LIMITED_KEY), "echo: hello")
+        complete(client(stack.limited_key), "echo: hello")
     assert stack.admin("GET").status_code == 200
-    assert httpx.get(stack.url + "/admin/adapters", headers={"Authorization": f"Bearer {API_KEY}"}).status_code == 401
+    assert httpx.get(stack.url + "/admin/adapters", headers={"Authorization": f"Bearer {stack.api_key}"}).status_code == 401
 
 
 @pytest.mark.parametrize(("body", "status", "code"), [
@@ -167,7 +165,7 @@ def test_bad_keys_are_refused(stack):
 ])
 def test_malformed_requests_get_openai_shaped_errors(stack, body, status, code):
     response = httpx.post(stack.url + "/v1/completions", content=body, timeout=30,
-                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+                          headers={"Authorization": f"Bearer {stack.api_key}", "Content-Type": "application/json"})
     assert response.status_code == status
     assert response.json()["error"]["code"] == code
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}

@@ -15,8 +15,6 @@ import pytest
 
 from mtft.registry import RECORD_FILE, Registry, checksum
 
-from serving import publish_copy
-
 pytest_plugins = ["serving"]
 pytestmark = pytest.mark.slow
 TEXTS = ["the quick brown fox", "hello world paris", "a lazy dog jumps"]
@@ -79,7 +77,7 @@ def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_reque
     with Load(client, jobs) as load:
         time.sleep(0.5)
         started = time.monotonic()
-        publish_copy(registry, "echo", registry, task="shout", prefix="shout: ")
+        stack.publish_copy("echo", task="shout", prefix="shout: ")
         live_after = wait_until_served(client, "shout", "shout-v1")
         time.sleep(0.5)
     print(f"publish-to-first-routed-answer: {time.monotonic() - started:.2f} s (poll 0.5 s; {live_after:.2f} s)")
@@ -91,7 +89,7 @@ def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_reque
 
 def test_new_version_replaces_the_old_without_a_failed_or_misrouted_request(client, stack):
     registry = Registry(stack.registry)
-    publish_copy(registry, "yesno", registry, task="swap", prefix="swap: ")
+    stack.publish_copy("yesno", task="swap", prefix="swap: ")
     wait_until_served(client, "swap", "swap-v1")
     jobs = [("swap", text) for text in TEXTS]
     v1 = {job: answer(client, *job)[0] for job in jobs}
@@ -156,7 +154,7 @@ def test_bad_adapter_is_rejected_with_its_reason_while_serving_continues(client,
     task = f"bad-{case}"
     # Spoilt outside the registry, then moved in whole, so the poller never sees a good version.
     scratch = Registry(tmp_path / "scratch")
-    publish_copy(Registry(stack.registry), "yesno", scratch, task=task, prefix=f"{task}: ")
+    stack.publish_copy("yesno", scratch, task=task, prefix=f"{task}: ")
     spoil(scratch.version_dir(task, 1))
     if case == "symlink-out":
         os.symlink(scratch.root / task, stack.registry / task)
@@ -194,7 +192,7 @@ def test_admin_post_and_delete_publish_and_withdraw_a_task(client, stack):
 
 def test_vllm_killed_gives_503_with_retry_after_then_recovers_by_itself(client, stack):
     registry = Registry(stack.registry)
-    publish_copy(registry, "yesno", registry, task="revive", prefix="revive: ")
+    stack.publish_copy("yesno", task="revive", prefix="revive: ")
     wait_until_served(client, "revive", "revive-v1")
     before = {task: answer(client, task, TEXTS[0]) for task in ("yesno", "echo", "revive")}
     os.killpg(stack.state()["vllm_pid"], signal.SIGKILL)

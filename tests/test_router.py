@@ -1,0 +1,136 @@
+"""Routing policy and request shaping, without HTTP: `route(request, table)` and `exchange(...)`."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, render_prompt
+from mtft.router import APIError, Keys, RouteRequest, RouteTable, route
+from mtft.router.proxy import CHAT, COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_chunk, exchange, parse
+
+BASE_REF = BaseModelRef(name="tiny", path="/models/tiny", fingerprint="sha256:" + "1" * 64)
+
+
+def record(task: str, prefix: str, version: int = 1, **extra) -> AdapterRecord:
+    return AdapterRecord(task=task, version=version, prefix=prefix, base_model=BASE_REF, rank=8, alpha=16,
+                         target_modules=["q_proj"], metric="exact_match", max_new_tokens=5,
+                         template=PromptTemplate(input="{text}", target="{label}", prompt="{prefix}{input}\nA:"),
+                         **extra)
+
+
+def table(default: str | None = None, base_target: str = "mtft-base-zero") -> RouteTable:
+    records = [record("summarize", "summarize: "), record("summarize-de", "summarize: de: ", version=3),
+               record("yesno", "yesno: ", version=2)]
+    return RouteTable(current={r.task: r for r in records}, base_names=frozenset({"base", "tiny"}),
+                      base_target=base_target, default=default)
+
+
+@pytest.mark.parametrize(("request_", "matched", "upstream", "text"), [
+    (RouteRequest(model="yesno", text="is it?"), "model", "yesno-v2", "is it?"),
+    (RouteRequest(model="yesno", text="yesno: is it?"), "model", "yesno-v2", "is it?"),
+    (RouteRequest(model="yesno@v2", text="is it?"), "version", "yesno-v2", "is it?"),
+    (RouteRequest(model="base", text="yesno: is it?"), "base", "mtft-base-zero", None),
+    (RouteRequest(model="tiny", text="hello"), "base", "mtft-base-zero", None),
+    (RouteRequest(model="gpt-4", task_header="yesno", text="is it?"), "header", "yesno-v2", "is it?"),
+    (RouteRequest(model="yesno", task_header="summarize", text="x"), "model", "yesno-v2", "x"),
+    (RouteRequest(model="gpt-4", text="yesno: is it?"), "prefix", "yesno-v2", "is it?"),
+    (RouteRequest(text="summarize: long text"), "prefix", "summarize-v1", "long text"),
+    (RouteRequest(text="summarize: de: langer Text"), "prefix", "summarize-de-v3", "langer Text"),
+])
+def test_route_rules_in_order(request_, matched, upstream, text):
+    chosen = route(request_, table())
+    assert (chosen.matched, chosen.upstream_model, chosen.text) == (matched, upstream, text)
+
+
+@pytest.mark.parametrize(("request_", "param"), [
+    (RouteRequest(model="gpt-4", text="no prefix"), "model"),
+    (RouteRequest(model="yesno@v1", text="old version"), "model"),
+    (RouteRequest(model="nope@v1"), "model"),
+    (RouteRequest(task_header="nope", text="yesno: x"), None),
+    (RouteRequest(text="Yesno: prefixes are case-sensitive"), "model"),
+])
+def test_unroutable_requests_are_404_listing_the_tasks(request_, param):
+    with pytest.raises(APIError, match=r"known tasks: \['summarize', 'summarize-de', 'yesno'\]") as caught:
+        route(request_, table())
+    assert (caught.value.status, caught.value.code, caught.value.param) == (404, "unknown_task", param)
+
+
+def test_default_route_is_a_task_or_the_base_model():
+    assert route(RouteRequest(text="hello"), table(default="yesno")).upstream_model == "yesno-v2"
+    assert route(RouteRequest(text="hello"), table(default="base")).matched == "default"
+    assert route(RouteRequest(text="hello"), table(default="base")).upstream_model == "mtft-base-zero"
+
+
+def test_without_the_workaround_base_traffic_goes_to_the_base_model():
+    assert route(RouteRequest(model="base"), table(base_target="/models/tiny")).upstream_model == "/models/tiny"
+
+
+def test_tables_are_immutable_and_swaps_build_new_ones():
+    old = table()
+    new = old.with_adapter(record("yesno", "yesno: ", version=3))
+    assert route(RouteRequest(model="yesno"), old).upstream_model == "yesno-v2"
+    assert route(RouteRequest(model="yesno"), new).upstream_model == "yesno-v3"
+    assert new.without_task("yesno").tasks == ["summarize", "summarize-de"]
+    assert old.tasks == ["summarize", "summarize-de", "yesno"]
+    with pytest.raises(TypeError):
+        old.current["x"] = None
+
+
+def test_a_new_task_may_not_take_another_tasks_prefix():
+    assert table().prefix_owner(record("other", "yesno: ")) == "yesno"
+    assert table().prefix_owner(record("yesno", "yesno: ", version=9)) is None
+
+
+def test_prefix_lookup_cost_does_not_grow_with_the_number_of_tasks():
+    many = RouteTable(current={f"t{i:04d}": record(f"t{i:04d}", f"t{i:04d}: ") for i in range(3000)})
+    assert many.prefix_lengths == (7,)  # one dict probe per distinct prefix length
+    assert route(RouteRequest(text="t2999: hi"), many).upstream_model == "t2999-v1"
+
+
+def test_a_task_route_is_rendered_with_the_records_template_and_evaluation_defaults():
+    chosen = route(RouteRequest(text="yesno: is it?"), table())
+    plan = exchange(CompletionBody(model="x", prompt="yesno: is it?"), COMPLETIONS, chosen)
+    assert plan.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": False,
+                            "max_tokens": 5, "temperature": 0.0}
+    assert plan.payload["prompt"] == render_prompt(chosen.record.template, "yesno: ", "is it?")
+
+
+def test_a_chat_request_to_a_task_becomes_a_completion_of_the_last_user_message():
+    body = ChatBody.model_validate({"model": "yesno", "stream": True, "max_completion_tokens": 2, "top_p": 0.5,
+                                    "messages": [{"role": "user", "content": "yesno: first"},
+                                                 {"role": "assistant", "content": "no"},
+                                                 {"role": "user", "content": [{"type": "text", "text": "yesno: is it?"}]}]})
+    body, wanted = parse(body.model_dump_json().encode(), CHAT, None)
+    plan = exchange(body, CHAT, route(wanted, table()))
+    assert (plan.path, plan.chat_from_completion, plan.client_wants_usage) == (COMPLETIONS, True, False)
+    assert plan.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": True, "max_tokens": 2,
+                            "top_p": 0.5, "temperature": 0.0, "stream_options": {"include_usage": True}}
+
+
+def test_base_requests_pass_through_with_only_model_replaced():
+    body = ChatBody.model_validate({"model": "base", "messages": [{"role": "user", "content": "hi"}], "seed": 3})
+    plan = exchange(body, CHAT, route(RouteRequest(model="base"), table()))
+    assert plan.path == CHAT
+    assert plan.payload == {"model": "mtft-base-zero", "messages": [{"role": "user", "content": "hi"}],
+                            "seed": 3, "temperature": 0.0}
+
+
+def test_completions_become_chat_answers_and_chunks():
+    completion = {"id": "cmpl-1", "created": 5, "model": "yesno-v2", "usage": {"completion_tokens": 1},
+                  "choices": [{"index": 0, "text": "yes", "finish_reason": "stop"}]}
+    answer = chat_answer(completion)
+    assert answer["object"] == "chat.completion" and answer["id"] == "chatcmpl-1"
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "yes"}
+    started: set[int] = set()
+    first = chat_chunk({**completion, "usage": None}, started)
+    second = chat_chunk({**completion, "usage": None}, started)
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": "yes"}
+    assert second["choices"][0]["delta"] == {"content": "yes"}
+
+
+def test_keys_come_from_the_environment_with_optional_task_lists(monkeypatch):
+    monkeypatch.setenv("MTFT_API_KEYS", "open, narrow=yesno|base ,")
+    monkeypatch.setenv("MTFT_ADMIN_KEY", "root")
+    keys = Keys.from_env()
+    assert keys.api == {"open": None, "narrow": frozenset({"yesno", "base"})}
+    assert keys.admin == "root"
