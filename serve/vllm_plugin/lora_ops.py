@@ -6,10 +6,13 @@ of the adapter weights for every token (`weights[indices]`), so their cost grows
 tokens x rank x hidden; and index -1 ("no adapter") wraps around to the last slot, so a base
 request batched with adapter requests silently gets that adapter (upstream PRs #48421, #49656).
 
-Here tokens are grouped by slot: contiguous runs are sliced, scattered rows gathered once; each
-group does `x[rows] @ W[slot].T`; rows with index -1 get exactly zero delta (left untouched when
-accumulating, written as zeros when not). Dtype handling follows vLLM's ops: inputs and weights
-are cast to the output's dtype before the matmul. Pure torch; nothing here imports vLLM.
+Here tokens are grouped by slot. Long runs of one slot (prefill) are matmuls on row slices that
+accumulate in place (`addmm_`); short scattered runs (decode) are gathered per slot, or, for
+small batches holding several adapters, multiplied against all slots at once. Rows with index
+-1 get exactly zero delta: left untouched when accumulating, written as zeros when not.
+Dtypes: where inputs and weights share a dtype the matmul runs in it (bf16 x bf16 accumulates
+in fp32 inside the kernel; only the rank-r product is rounded), else both are cast to the
+output's dtype as vLLM's ops do. Pure torch; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -23,53 +26,32 @@ import torch
 # Batches of at most this many rows that hold several adapters (decode steps) run as one matmul
 # against all slots at once instead of a small matmul per slot: per-call overhead dominates there.
 DENSE_MAX_ROWS = 256
-# Scattered rows are written back span by span when spans are this long on average (cheap slice
-# adds); shorter spans (decode: one token per request) go through one index_put_.
+# Runs of one slot this long on average are multiplied slice by slice; shorter ones (decode: one
+# token per request) are gathered into one block per slot and scattered back with index_put_.
 MIN_MEAN_SPAN = 8
 
 
 @dataclass(frozen=True)
 class Rows:
-    """A set of token rows: `index` gathers them in order; `spans` (start, end, offset into the
-    gathered block) write them back as slices, or None to write them back through `index`."""
+    """The token rows of one slot: `spans` (start, end) in order, and `index`, the same rows as
+    one index tensor when the spans are too short to handle one by one (else None)."""
 
-    index: slice | torch.Tensor
-    spans: tuple[tuple[int, int, int], ...] | None
+    spans: tuple[tuple[int, int], ...]
+    index: torch.Tensor | None
 
     @classmethod
     def of(cls, spans: list[tuple[int, int]]) -> Rows:
-        if len(spans) == 1:
-            return cls(slice(*spans[0]), None)
-        index = torch.cat([torch.arange(start, end) for start, end in spans])
-        if len(index) < MIN_MEAN_SPAN * len(spans):
-            return cls(index, None)
-        offsets = accumulate((end - start for start, end in spans), initial=0)
-        return cls(index, tuple((start, end, at) for (start, end), at in zip(spans, offsets)))
-
-    def gather(self, source: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.index, slice):
-            return source[self.index]
-        return source.index_select(0, self.index)
-
-    def write(self, target: torch.Tensor, block: torch.Tensor, add: bool) -> None:
-        if isinstance(self.index, slice):
-            pieces = [(target[self.index], block)]
-        elif self.spans is not None:
-            pieces = [(target[start:end], block[at : at + end - start]) for start, end, at in self.spans]
-        else:
-            target.index_put_((self.index,), block, accumulate=add)
-            return
-        for destination, source in pieces:
-            if add:
-                destination += source
-            else:
-                destination.copy_(source)
+        rows = sum(end - start for start, end in spans)
+        if len(spans) == 1 or rows >= MIN_MEAN_SPAN * len(spans):
+            return cls(tuple(spans), None)
+        return cls(tuple(spans), torch.cat([torch.arange(start, end) for start, end in spans]))
 
     def zero(self, target: torch.Tensor) -> None:
-        if isinstance(self.index, slice):
-            target[self.index] = 0
-        else:
+        if self.index is not None:
             target.index_fill_(0, self.index, 0)
+            return
+        for start, end in self.spans:
+            target[start:end] = 0
 
 
 @dataclass(frozen=True)
@@ -112,53 +94,70 @@ def _token_plan(token_indices: torch.Tensor) -> Plan:
     return _segment_plan(slots, lengths)
 
 
-def _slot_weights(weights: torch.Tensor) -> torch.Tensor:
-    """(slots, 1, out, in) or (slots, out, in) -> (slots, out, in), as vLLM's ops accept both."""
-    return weights.squeeze(1) if weights.dim() == 4 else weights
+def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor):
+    """(inputs, (slots, out, in) weights) in the dtype the matmuls run in."""
+    if weights.dim() == 4:  # (slots, 1, out, in), as the LoRA layers stack them
+        weights = weights.squeeze(1)
+    dtype = inputs.dtype if inputs.dtype == weights.dtype else output.dtype
+    return inputs.to(dtype), weights.to(dtype)
+
+
+def _multiply_into(target: torch.Tensor, inputs: torch.Tensor, rows: Rows, weight_t: torch.Tensor,
+                   add: bool, scaling: float = 1.0) -> None:
+    """target[rows] (+)= scaling * inputs[rows] @ weight_t."""
+    if rows.index is not None:
+        product = inputs.index_select(0, rows.index) @ weight_t
+        if scaling != 1.0:
+            product *= scaling
+        target.index_put_((rows.index,), product.to(target.dtype), accumulate=add)
+        return
+    for start, end in rows.spans:
+        destination, source = target[start:end], inputs[start:end]
+        if add and scaling == 1.0 and destination.dtype == source.dtype:
+            destination.addmm_(source, weight_t)  # no product temporary: half the memory traffic
+            continue
+        product = source @ weight_t
+        if scaling != 1.0:
+            product *= scaling
+        if add:
+            destination += product
+        else:
+            destination.copy_(product)
 
 
 def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan, scaling: float):
-    weights = _slot_weights(weights)
-    inputs = inputs.to(output.dtype)
-    target = output[:, : weights.shape[1]]
-    if plan.dense is not None:
-        slots, rank, width = weights.shape
-        every_slot = inputs[: plan.rows] @ weights.reshape(slots * rank, width).to(output.dtype).t()
-        picked = every_slot.view(plan.rows, slots, rank)[plan.dense]
-        if plan.unadapted is not None:
-            plan.unadapted.zero(target)
-        target.index_copy_(0, plan.dense[0], picked * scaling if scaling != 1.0 else picked)
-        return
-    for slot, rows in plan.groups:
-        product = rows.gather(inputs) @ weights[slot].to(output.dtype).t()
-        rows.write(target, product * scaling if scaling != 1.0 else product, add=False)
+    inputs, weights = _operands(inputs, weights, output)
+    slots, rank, width = weights.shape
+    target = output[:, :rank]
     if plan.unadapted is not None:
         plan.unadapted.zero(target)
+    if plan.dense is not None:
+        every_slot = inputs[: plan.rows] @ weights.reshape(slots * rank, width).t()
+        picked = every_slot.view(plan.rows, slots, rank)[plan.dense]
+        target.index_copy_(0, plan.dense[0], (picked * scaling if scaling != 1.0 else picked).to(target.dtype))
+        return
+    for slot, rows in plan.groups:
+        _multiply_into(target, inputs, rows, weights[slot].t(), add=False, scaling=scaling)
 
 
 def _expand(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, plan: Plan, add_inputs: bool):
-    weights = _slot_weights(weights)
-    inputs = inputs.to(target.dtype)
-    width = min(weights.shape[1], target.shape[1])
+    inputs, weights = _operands(inputs, weights, target)
+    slots, width, rank = weights.shape
+    width = min(width, target.shape[1])  # vLLM's ops write the columns both have (padding differs)
     target = target[:, :width]
+    if plan.unadapted is not None and not add_inputs:
+        plan.unadapted.zero(target)
     if plan.dense is not None:
-        slots, _, rank = weights.shape
         # Each row's input sits in its own slot's block, zeros elsewhere (and everywhere for
         # rows without an adapter), so one matmul against all slots' B gives each row its delta.
         spread = inputs.new_zeros(plan.rows, slots, rank)
         spread[plan.dense] = inputs[plan.dense[0]]
-        stacked = weights[:, :width].permute(0, 2, 1).reshape(slots * rank, width).to(target.dtype)
-        product = spread.view(plan.rows, slots * rank) @ stacked
-        rows = slice(0, plan.rows)
-        if add_inputs:
-            target[rows] += product
-        else:
-            target[rows] = product
+        stacked = weights[:, :width].permute(0, 2, 1).reshape(slots * rank, width)
+        _multiply_into(target, spread.view(plan.rows, slots * rank), Rows(((0, plan.rows),), None), stacked,
+                       add=add_inputs)
         return
     for slot, rows in plan.groups:
-        rows.write(target, rows.gather(inputs) @ weights[slot, :width].to(target.dtype).t(), add=add_inputs)
-    if plan.unadapted is not None and not add_inputs:
-        plan.unadapted.zero(target)
+        _multiply_into(target, inputs, rows, weights[slot, :width].t(), add=add_inputs)
 
 
 def sgmv_shrink(
