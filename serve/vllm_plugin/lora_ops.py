@@ -94,11 +94,16 @@ def _token_plan(token_indices: torch.Tensor) -> Plan:
     return _segment_plan(slots, lengths)
 
 
-def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor):
+def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan):
     """(inputs, (slots, out, in) weights) in the dtype the matmuls run in."""
     if weights.dim() == 4:  # (slots, 1, out, in), as the LoRA layers stack them
         weights = weights.squeeze(1)
-    dtype = inputs.dtype if inputs.dtype == weights.dtype else output.dtype
+    if plan.rows <= DENSE_MAX_ROWS:
+        # Small (decode) batches: CPU bf16 kernels are slower than fp32 at these shapes, and the
+        # casts are cheap; vLLM's shrink multiplies in fp32 too.
+        dtype = torch.promote_types(torch.promote_types(inputs.dtype, weights.dtype), torch.float32)
+    else:
+        dtype = inputs.dtype if inputs.dtype == weights.dtype else output.dtype
     return inputs.to(dtype), weights.to(dtype)
 
 
@@ -126,7 +131,7 @@ def _multiply_into(target: torch.Tensor, inputs: torch.Tensor, rows: Rows, weigh
 
 
 def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan, scaling: float):
-    inputs, weights = _operands(inputs, weights, output)
+    inputs, weights = _operands(inputs, weights, output, plan)
     slots, rank, width = weights.shape
     target = output[:, :rank]
     if plan.unadapted is not None:
@@ -141,7 +146,7 @@ def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, p
 
 
 def _expand(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, plan: Plan, add_inputs: bool):
-    inputs, weights = _operands(inputs, weights, target)
+    inputs, weights = _operands(inputs, weights, target, plan)
     slots, width, rank = weights.shape
     width = min(width, target.shape[1])  # vLLM's ops write the columns both have (padding differs)
     target = target[:, :width]
