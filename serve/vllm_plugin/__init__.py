@@ -4,6 +4,6 @@ Installed with mtft, it loads in every vLLM process through the `vllm.general_pl
 point `mtft_cpu_lora`; `MTFT_VLLM_CPU_LORA_OPS=0` turns it off.
 """
 
-from .plugin import ENV, TESTED_VERSIONS, is_patched, patch, register, restore, vllm_ops
+from .plugin import ENV, TESTED_VERSIONS, applies, is_patched, patch, register, restore, vllm_ops
 
-__all__ = ["ENV", "TESTED_VERSIONS", "is_patched", "patch", "register", "restore", "vllm_ops"]
+__all__ = ["ENV", "TESTED_VERSIONS", "applies", "is_patched", "patch", "register", "restore", "vllm_ops"]

@@ -21,6 +21,7 @@ from . import lora_ops
 # vLLM process's log, formatted like vLLM's own.
 logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
+ENTRY_POINT = "mtft_cpu_lora"  # its name in pyproject.toml's vllm.general_plugins
 ENV = "MTFT_VLLM_CPU_LORA_OPS"
 ENV_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
 CPU_DISTRIBUTION = "vllm-cpu"
@@ -78,6 +79,17 @@ def is_patched() -> bool:
     return all(getattr(module, name) is getattr(lora_ops, name) for name in OPS)
 
 
+def applies() -> bool:
+    """Whether `register` patches in a vLLM process started with this environment: serving code
+    can ask this (without importing vLLM's LoRA modules) before dropping the workarounds for the
+    base-request mixing bug."""
+    # vLLM loads only the plugins VLLM_PLUGINS names, when it is set (comma-separated).
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and ENTRY_POINT not in allowed.split(","):
+        return False
+    return enabled_by_env() and cpu_build_version() in TESTED_VERSIONS
+
+
 def register() -> None:
     """The vLLM general plugin entry point: patch when the build and version allow it."""
     if not enabled_by_env():
@@ -87,7 +99,7 @@ def register() -> None:
     if version is None:
         logger.debug("mtft CPU LoRA ops: vLLM is not the CPU build (%s); nothing to patch", CPU_DISTRIBUTION)
         return
-    if version not in TESTED_VERSIONS:
+    if not applies():
         logger.warning(
             "mtft CPU LoRA ops NOT applied: installed %s %s, written and tested for %s only. vLLM's "
             "own CPU LoRA ops stay in use (slower; a base request batched with adapter requests may "
