@@ -94,7 +94,15 @@ class LiveTable:
                 log.warning("rejected %s/v%d: %s", task, version, "; ".join(problems))
                 raise APIError(422, f"adapter {task}/v{version} rejected: " + "; ".join(problems),
                                "adapter_rejected", "task")
-            await self._load(record)
+            try:
+                await self._load(record)
+            except Unavailable:
+                raise
+            except APIError as exc:
+                self.rejected[(task, version)] = Rejection(task, version, [exc.message], time.time())
+                log.warning("rejected %s/v%d: %s", task, version, exc.message)
+                raise APIError(422, f"adapter {task}/v{version} rejected: {exc.message}", "adapter_rejected",
+                               "task") from exc
             self.rejected.pop((task, version), None)
             self.withdrawn.pop(task, None)
             old = self.table.current.get(task)
@@ -124,9 +132,18 @@ class LiveTable:
     async def _load(self, record: AdapterRecord) -> None:
         path = self.registry.version_dir(record.task, record.version).resolve()
         response = await self._post("/v1/load_lora_adapter", {"lora_name": record.name, "lora_path": str(path)})
-        # 400 "already loaded" is fine: mtft-serve preloads adapters with --lora-modules.
-        if response.status_code not in (200, 400):
-            raise APIError(502, f"vLLM refused {record.name}: {response.text[:500]}", "upstream_refused")
+        if response.status_code == 200 or (response.status_code == 400 and record.name in await self._held()):
+            return  # 400 with the name listed: preloaded by mtft-serve (--lora-modules)
+        raise APIError(502, f"vLLM refused {record.name}: {response.text[:500]}", "upstream_refused")
+
+    async def _held(self) -> set[str]:
+        """The adapter (and base) names vLLM serves now."""
+        try:
+            response = await self.client.get(self.config.upstream + "/v1/models", timeout=5.0)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"vLLM is unreachable: {exc!r}", self.config.retry_after_s) from exc
+        return {model["id"] for model in response.json()["data"]}
 
     async def _unload(self, name: str) -> None:
         if self.inflight[name] or name not in self.retiring:
@@ -166,14 +183,12 @@ class LiveTable:
     async def sync(self) -> None:
         """One poll: reload what a restarted vLLM lost, then pick up registry changes."""
         try:
-            response = await self.client.get(self.config.upstream + "/v1/models", timeout=5.0)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
+            held = await self._held()
+        except Unavailable as exc:
             if self.ready:
-                log.warning("vLLM is not answering (%r); requests get 503 until it is back", exc)
+                log.warning("%s; requests get 503 until it is back", exc.message)
             self.ready = False
             return
-        held = {model["id"] for model in response.json()["data"]}
         for record in list(self.table.current.values()):
             if record.name not in held:
                 log.info("vLLM lacks %s (restarted?); loading it again", record.name)
