@@ -50,8 +50,8 @@ def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
                 loop.cancel()
 
     app = FastAPI(title="mtft router", lifespan=lifespan)
-    app.add_exception_handler(APIError, error_response)
-    app.add_exception_handler(HTTPException, error_response)
+    for kind in (APIError, HTTPException, Exception):  # one handler; Exception: a bug still answers in shape
+        app.add_exception_handler(kind, error_response)
 
     def allowed_tasks(request: Request) -> frozenset[str] | None:
         if not keys.api:
