@@ -49,11 +49,14 @@ def adapters(
     output: Annotated[Optional[Path], typer.Option(help="run folder [default: runs/<spec name>]")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted run in the same folder")] = False,
     check: Annotated[bool, typer.Option(help="validate spec, data, base model and registry; train nothing")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads, overriding training.threads", min=1)] = None,
 ) -> None:
     """Train one LoRA adapter per task and publish each into the registry."""
     _logging()
     try:
         spec = load_spec(config)
+        if threads is not None:
+            spec.training.threads = threads
         options = RunOptions(output=output or Path("runs") / config.stem, registry=_registry_path(registry),
                              tasks=task, resume=resume)
         if check:
