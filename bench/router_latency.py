@@ -1,6 +1,9 @@
 """What the router costs and how fast a hot-add goes live, measured on a real `mtft-serve` stack.
 
-    python bench/router_latency.py --registry runs/registry [--requests 200] [--max-tokens 4]
+    python bench/router_latency.py [--registry runs/registry] [--requests 200] [--max-tokens 4]
+
+Without --registry (as `make bench` runs it) it trains the test suite's two tiny tasks on
+its tiny random Llama first (about 20 s).
 
 Starts `mtft-serve` on a copy of the registry (so the hot-add leaves the
 original alone), then sends the same requests alternately through the router
@@ -14,6 +17,7 @@ up by the registry poller (default 2 s interval) and once via
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -58,9 +62,23 @@ def first_answer(client: httpx.Client, url: str, task: str, started: float, time
     raise TimeoutError(task)
 
 
+def tiny_registry(folder: Path) -> Path:
+    """The test suite's tiny base and its two tiny tasks (tests/conftest.py), trained and published."""
+    from mtft.train.run import RunOptions, train_adapters
+    from mtft.train.spec import load_spec
+
+    spec = importlib.util.spec_from_file_location("mtft_tests_conftest", Path(__file__).parents[1] / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    (folder / "base").mkdir(parents=True)
+    base = conftest.build_tiny_base(folder / "base")
+    train_adapters(load_spec(conftest.tiny_spec(folder, base)), RunOptions(output=folder / "run", registry=folder / "registry"))
+    return folder / "registry"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--registry", type=Path, required=True)
+    parser.add_argument("--registry", type=Path, help="default: train the tiny test tasks first")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--port", type=int, default=8790)
@@ -68,7 +86,7 @@ def main() -> None:
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mtft-bench-"))
-    shutil.copytree(args.registry, work / "registry")
+    shutil.copytree(args.registry or tiny_registry(work / "tiny"), work / "registry")
     registry = Registry(work / "registry")
     (work / "state").mkdir()
     process = start(work / "registry", work / "state", args.port, args.serve_flag)
