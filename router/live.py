@@ -83,8 +83,9 @@ class LiveTable:
         if version is None or version not in versions:
             raise APIError(404, f"registry {self.registry.root} has no {task}/v{version}", "unknown_adapter", "task")
         async with self._lock:
-            record, problems = servable_problems(
-                self.registry, task, version, self.config.base_fingerprint, self.config.max_rank)
+            # In a thread: the checksum reads every adapter byte, and requests must keep flowing.
+            record, problems = await asyncio.to_thread(
+                servable_problems, self.registry, task, version, self.config.base_fingerprint, self.config.max_rank)
             if record is not None and (owner := self.table.prefix_owner(record)):
                 problems.append(f"prefix {record.prefix!r} already routes task {owner!r}")
             if record is not None and record.task != task:
