@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +65,20 @@ def test_zero_adapter_answers_exactly_like_the_base_model(tiny_base, tmp_path):
         zero = PeftModel.from_pretrained(base, folder).eval()
         assert sum("lora_B" in n for n, _ in zero.named_parameters()) == 3 * 2  # 3 modules x 2 layers
         assert torch.equal(zero(input_ids=ids).logits, expected)
+
+
+def test_an_adapter_file_symlinked_out_of_the_registry_is_not_servable(trained, tmp_path):
+    from mtft.registry import fingerprint, servable_problems
+
+    _, options, _ = trained
+    registry = Registry(shutil.copytree(options.registry, tmp_path / "registry"))
+    weights = registry.version_dir("yesno", 1) / "adapter_model.safetensors"
+    outside = shutil.copy(weights, tmp_path / "elsewhere.safetensors")
+    weights.unlink()
+    weights.symlink_to(outside)
+    record = registry.read("yesno", 1)
+    _, problems = servable_problems(registry, "yesno", 1, record.base_model.fingerprint, 8)
+    assert len(problems) == 1 and "outside the registry" in problems[0]
+    _, problems = servable_problems(Registry(options.registry), "yesno", 1,
+                                    fingerprint(Path(record.base_model.path)), 8)
+    assert problems == []
