@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-REGISTRY ?= runs/registry
 # Two cores: pytest workers would only fight over them.
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
@@ -26,11 +25,14 @@ venv: $(STAMP)
 
 demo: venv
 	$(BIN)/mtft-train prepare-base smollm2-135m
-	$(BIN)/mtft-train adapters --config train/demo/tasks.yaml --registry $(REGISTRY) --output runs/demo --resume
-	$(BIN)/mtft-train registry list --registry $(REGISTRY)
+	train/demo/run.sh
 
 test: venv
 	$(BIN)/python -m pytest -q --durations=15
+
+# Throughput tables; each bench/*.py prints its own (minutes on 2 cores: run on a quiet machine).
+bench: venv
+	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
 
 clean:
 	rm -rf runs .pytest_cache
