@@ -95,7 +95,9 @@ def _token_plan(token_indices: torch.Tensor) -> Plan:
 
 
 def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan):
-    """(inputs, (slots, out, in) weights) in the dtype the matmuls run in."""
+    """(inputs in the matmul dtype, (slots, out, in) weights not yet cast, the matmul dtype).
+
+    Weights are cast per slot where used: casting all slots costs more than the matmul itself."""
     if weights.dim() == 4:  # (slots, 1, out, in), as the LoRA layers stack them
         weights = weights.squeeze(1)
     if plan.rows <= DENSE_MAX_ROWS:
@@ -104,7 +106,7 @@ def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor,
         dtype = torch.promote_types(torch.promote_types(inputs.dtype, weights.dtype), torch.float32)
     else:
         dtype = inputs.dtype if inputs.dtype == weights.dtype else output.dtype
-    return inputs.to(dtype), weights.to(dtype)
+    return inputs.to(dtype), weights, dtype
 
 
 def _multiply_into(target: torch.Tensor, inputs: torch.Tensor, rows: Rows, weight_t: torch.Tensor,
@@ -131,22 +133,22 @@ def _multiply_into(target: torch.Tensor, inputs: torch.Tensor, rows: Rows, weigh
 
 
 def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan, scaling: float):
-    inputs, weights = _operands(inputs, weights, output, plan)
+    inputs, weights, dtype = _operands(inputs, weights, output, plan)
     slots, rank, width = weights.shape
     target = output[:, :rank]
     if plan.unadapted is not None:
         plan.unadapted.zero(target)
     if plan.dense is not None:
-        every_slot = inputs[: plan.rows] @ weights.reshape(slots * rank, width).t()
+        every_slot = inputs[: plan.rows] @ weights.reshape(slots * rank, width).to(dtype).t()
         picked = every_slot.view(plan.rows, slots, rank)[plan.dense]
         target.index_copy_(0, plan.dense[0], (picked * scaling if scaling != 1.0 else picked).to(target.dtype))
         return
     for slot, rows in plan.groups:
-        _multiply_into(target, inputs, rows, weights[slot].t(), add=False, scaling=scaling)
+        _multiply_into(target, inputs, rows, weights[slot].to(dtype).t(), add=False, scaling=scaling)
 
 
 def _expand(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, plan: Plan, add_inputs: bool):
-    inputs, weights = _operands(inputs, weights, target, plan)
+    inputs, weights, dtype = _operands(inputs, weights, target, plan)
     slots, width, rank = weights.shape
     width = min(width, target.shape[1])  # vLLM's ops write the columns both have (padding differs)
     target = target[:, :width]
@@ -157,12 +159,12 @@ def _expand(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, p
         # rows without an adapter), so one matmul against all slots' B gives each row its delta.
         spread = inputs.new_zeros(plan.rows, slots, rank)
         spread[plan.dense] = inputs[plan.dense[0]]
-        stacked = weights[:, :width].permute(0, 2, 1).reshape(slots * rank, width)
+        stacked = weights[:, :width].to(dtype).permute(0, 2, 1).reshape(slots * rank, width)
         _multiply_into(target, spread.view(plan.rows, slots * rank), Rows(((0, plan.rows),), None), stacked,
                        add=add_inputs)
         return
     for slot, rows in plan.groups:
-        _multiply_into(target, inputs, rows, weights[slot, :width].t(), add=add_inputs)
+        _multiply_into(target, inputs, rows, weights[slot, :width].to(dtype).t(), add=add_inputs)
 
 
 def sgmv_shrink(
