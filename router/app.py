@@ -102,14 +102,20 @@ def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
                             time.perf_counter() - started, answer.get("usage"))
             return JSONResponse(chat_answer(answer) if plan.chat_from_completion else answer, headers=headers)
         usage: dict = {}
+        finished: list[bool] = []
 
         async def finish() -> None:
+            # Runs as the background task, and from the relay's `finally` when the client
+            # went away (Starlette then skips background tasks); whichever comes first.
+            if finished:
+                return
+            finished.append(True)
             await upstream.aclose()
             live.release(chosen)
             metrics.observe(chosen.task, chosen.adapter, chosen.matched, 200,
                             time.perf_counter() - started, usage.get("usage"))
 
-        return StreamingResponse(_relay(upstream, plan, usage), media_type="text/event-stream",
+        return StreamingResponse(_relay(upstream, plan, usage, finish), media_type="text/event-stream",
                                  headers=headers, background=BackgroundTask(finish))
 
     @app.post(COMPLETIONS)
@@ -226,7 +232,7 @@ def _mapped_error(upstream: httpx.Response, chosen: Route, live: LiveTable, conf
     return upstream_error(upstream.status_code, upstream.content)
 
 
-async def _relay(upstream: httpx.Response, plan: Exchange, usage: dict) -> AsyncIterator[bytes]:
+async def _relay(upstream: httpx.Response, plan: Exchange, usage: dict, finish) -> AsyncIterator[bytes]:
     started: set[int] = set()
     try:
         async for line in upstream.aiter_lines():
@@ -248,3 +254,6 @@ async def _relay(upstream: httpx.Response, plan: Exchange, usage: dict) -> Async
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except httpx.TransportError as exc:
         log.warning("stream from vLLM broke off: %r", exc)
+    finally:
+        if not upstream.is_stream_consumed:
+            await finish()
