@@ -152,8 +152,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated: tiny, smollm2-135m")
     parser.add_argument("--decode-requests", type=int, default=32)
-    parser.add_argument("--prefill-requests", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1, help="best of this many runs per cell")
+    parser.add_argument("--prefill-requests", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per cell")
     parser.add_argument("--phases", default="decode,prefill", help="comma-separated subset of decode, prefill")
     parser.add_argument("--traffic", default=",".join(TRAFFIC), help=f"comma-separated subset of {', '.join(TRAFFIC)}")
     parser.add_argument("--rows-out", type=Path, help=argparse.SUPPRESS)  # one model's rows, for main
