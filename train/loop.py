@@ -100,13 +100,13 @@ def train(model, optimizer_params, job: Job, accelerator, resume: bool, on_eval=
         if on_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < job.total_steps:
             row["eval"] = on_eval(step + 1)
             model.train()
-        _append(metrics_path, row)
+        append_metrics(metrics_path, row)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == job.total_steps:
             _save(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, job)
     bar.close()
 
 
-def _append(path: Path, row: dict) -> None:
+def append_metrics(path: Path, row: dict) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(row) + "\n")
 

@@ -233,6 +233,5 @@ def _point_config_at(adapter_dir: Path, base_dir: Path) -> None:
 
 
 def _log_evals(metrics_path: Path, state: TaskState, steps: int) -> None:
-    with metrics_path.open("a") as handle:
-        handle.write(json.dumps({"step": 0, "eval": state.base_score, "model": "base"}) + "\n")
-        handle.write(json.dumps({"step": steps, "eval": state.adapter_score, "model": "adapter"}) + "\n")
+    loop.append_metrics(metrics_path, {"step": 0, "eval": state.base_score, "model": "base"})
+    loop.append_metrics(metrics_path, {"step": steps, "eval": state.adapter_score, "model": "adapter"})
