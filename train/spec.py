@@ -122,12 +122,91 @@ class TrainingSpec(Strict):
         return self
 
 
+MIXING = ("proportional", "uniform", "temperature", "sqrt", "capped", "explicit", "dynamic")
+
+
+class MixingSpec(Strict):
+    """How often each task is sampled in joint training (docs/task-spec.md#mixing)."""
+
+    strategy: Literal[MIXING] = "proportional"  # type: ignore[valid-type]
+    temperature: float = Field(default=2.0, description="temperature: P(task) ∝ size^(1/T)")
+    cap: int | None = Field(default=None, gt=0, description="capped: P(task) ∝ min(size, cap)")
+    weights: dict[str, float] | None = Field(default=None, description="explicit: one weight per task")
+    update_every: int = Field(default=10, gt=0, description="dynamic: steps between re-weightings")
+    signal: Literal["loss", "eval"] = Field(default="loss", description="dynamic: what 'learns slowly' means")
+    floor: float = Field(default=0.05, ge=0, lt=1, description="dynamic: every task keeps at least this share / N")
+
+    @model_validator(mode="after")
+    def _fields(self) -> MixingSpec:
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}; 1 = proportional, large = uniform")
+        if self.strategy == "capped" and self.cap is None:
+            raise ValueError("strategy capped needs cap: the most examples any one task counts with")
+        if self.strategy == "explicit" and not self.weights:
+            raise ValueError("strategy explicit needs weights: {task: weight} for every task")
+        if self.weights is not None and self.strategy != "explicit":
+            raise ValueError(f"weights is only used by strategy explicit, not {self.strategy}")
+        if self.weights and (min(self.weights.values()) < 0 or not sum(self.weights.values()) > 0):
+            raise ValueError("weights must be >= 0 and not all 0")
+        return self
+
+
+class LossSpec(Strict):
+    """How the tasks' losses combine on shared parameters (docs/task-spec.md#loss-weighting)."""
+
+    weighting: Literal["sum", "static", "uncertainty"] = "sum"
+    weights: dict[str, float] | None = Field(default=None, description="static: one weight per task")
+    averaging: Literal["token", "example"] = Field(
+        default="token", description="token: every answer token weighs the same; example: every example does"
+    )
+
+    @model_validator(mode="after")
+    def _fields(self) -> LossSpec:
+        if self.weighting == "static" and not self.weights:
+            raise ValueError("weighting static needs weights: {task: weight} for every task")
+        if self.weights is not None and self.weighting != "static":
+            raise ValueError(f"weights is only used by weighting static, not {self.weighting}")
+        if self.weights and any(w < 0 for w in self.weights.values()):
+            raise ValueError("weights must be >= 0")
+        return self
+
+
+class SequentialSpec(Strict):
+    """Stages of one task each, in order; `replay` mixes earlier tasks back in."""
+
+    order: list[str] | None = Field(default=None, description="task order; default: order_by")
+    order_by: Literal["spec", "size", "base_loss"] = Field(
+        default="spec", description="base_loss: easiest first (lowest zero-shot loss), a curriculum"
+    )
+    replay: float = Field(default=0.0, ge=0, lt=1, description="share of each batch drawn from earlier tasks")
+    rounds: int = Field(default=1, gt=0, description="task rotation: go through the order this many times")
+    stage_steps: int | None = Field(default=None, gt=0, description="steps per stage; default: total / stages")
+
+
+class TaskEmbeddingSpec(Strict):
+    """The shared adapter's per-task conditioning (docs/task-spec.md#shared-adapter)."""
+
+    up_projections: int = Field(default=1, gt=0, le=8, description="shared B matrices mixed per task")
+    mix_temperature: float = Field(default=1.0, gt=0, description="softmax temperature over up-projections")
+
+
+class MultitaskSpec(Strict):
+    """Joint training: `mtft-train shared` (and the mixing of `adapters --one-pass`)."""
+
+    schedule: Literal["joint", "sequential"] = "joint"
+    mixing: MixingSpec = MixingSpec()
+    loss: LossSpec = LossSpec()
+    sequential: SequentialSpec = SequentialSpec()
+    task_embedding: TaskEmbeddingSpec = TaskEmbeddingSpec()
+
+
 class Spec(Strict):
     """A whole task spec. `source` is the YAML file it was loaded from."""
 
     base_model: str = "smollm2-135m"
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
+    multitask: MultitaskSpec = MultitaskSpec()
     tasks: list[TaskSpec]
     source: Path = Field(default=Path("."), exclude=True)
 
@@ -220,6 +299,36 @@ def _cross_checks(spec: Spec, root, path: Path) -> list[str]:
             data_path = getattr(task.data, role)
             if data_path is not None and not _data_exists(spec.resolve(data_path)):
                 problems.append(f"{where}.data.{role}: {spec.resolve(data_path)} does not exist")
+    return problems + _multitask_checks(spec, root, path)
+
+
+def _multitask_checks(spec: Spec, root, path: Path) -> list[str]:
+    """Every task named under multitask must exist, and per-task tables must cover every task."""
+    names = [t.name for t in spec.tasks]
+    m = spec.multitask
+    problems = []
+
+    def where(*loc) -> str:
+        return f"{path}:{_line_of(root, ('multitask', *loc))}: multitask.{'.'.join(loc)}"
+
+    for loc, table in ((("mixing", "weights"), m.mixing.weights), (("loss", "weights"), m.loss.weights)):
+        if table is None:
+            continue
+        unknown = sorted(set(table) - set(names))
+        missing = [n for n in names if n not in table]
+        if unknown:
+            problems.append(f"{where(*loc)}: unknown tasks {unknown}; tasks are {names}")
+        if missing:
+            problems.append(f"{where(*loc)}: no weight for tasks {missing}; give one per task")
+    order = m.sequential.order
+    if order is not None:
+        unknown = [n for n in order if n not in names]
+        if unknown:
+            problems.append(f"{where('sequential', 'order')}: unknown tasks {unknown}; tasks are {names}")
+        if len(set(order)) != len(order):
+            problems.append(f"{where('sequential', 'order')}: a task is named twice in {order}")
+    if m.mixing.strategy == "dynamic" and m.mixing.signal == "eval" and spec.training.eval_every is None:
+        problems.append(f"{where('mixing', 'signal')}: signal eval needs training.eval_every (steps between evaluations)")
     return problems
 
 
