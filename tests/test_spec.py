@@ -57,6 +57,34 @@ BAD_SPECS = [
     ({"tasks": [task()], "training": {"schedule": "cosine_restarts"}}, r"training.schedule: Input should be"),
 ]
 
+TWO = [task(), task(name="other", prefix="other: ")]
+BAD_MULTITASK = [
+    ({"mixing": {"strategy": "annealed"}}, r"multitask.mixing.strategy: Input should be 'proportional', 'uniform'"),
+    ({"mixing": {"strategy": "temperature", "temperature": 0}}, r"multitask.mixing: temperature must be > 0, got 0"),
+    ({"mixing": {"strategy": "temperature", "temperature": -2}}, r"temperature must be > 0, got -2"),
+    ({"mixing": {"strategy": "capped"}}, r"strategy capped needs cap"),
+    ({"mixing": {"strategy": "explicit"}}, r"strategy explicit needs weights"),
+    ({"mixing": {"strategy": "explicit", "weights": {"yesno": 1}}},
+     r"tasks.yaml:\d+: multitask.mixing.weights: no weight for tasks \['other'\]; give one per task"),
+    ({"mixing": {"strategy": "explicit", "weights": {"yesno": 1, "other": 1, "typo": 2}}},
+     r"multitask.mixing.weights: unknown tasks \['typo'\]; tasks are \['yesno', 'other'\]"),
+    ({"mixing": {"strategy": "uniform", "weights": {"yesno": 1, "other": 1}}}, r"only used by strategy explicit"),
+    ({"mixing": {"strategy": "dynamic", "signal": "eval"}}, r"signal eval needs training.eval_every"),
+    ({"loss": {"weighting": "static"}}, r"weighting static needs weights"),
+    ({"loss": {"weighting": "static", "weights": {"yesno": 2}}}, r"multitask.loss.weights: no weight for tasks \['other'\]"),
+    ({"loss": {"averaging": "sentence"}}, r"multitask.loss.averaging: Input should be 'token' or 'example'"),
+    ({"schedule": "sequential", "sequential": {"order": ["other", "nope"]}},
+     r"multitask.sequential.order: unknown tasks \['nope'\]; tasks are \['yesno', 'other'\]"),
+    ({"sequential": {"order_by": "vibes"}}, r"multitask.sequential.order_by: Input should be"),
+    ({"sequential": {"replay": 1.0}}, r"multitask.sequential.replay: Input should be less than 1"),
+]
+
+
+@pytest.mark.parametrize("multitask, message", BAD_MULTITASK, ids=[m[:40] for _, m in BAD_MULTITASK])
+def test_bad_multitask_settings_fail_with_a_located_message(tmp_path, multitask, message):
+    with pytest.raises(SpecError, match=message):
+        load_spec(write_spec(tmp_path, {"tasks": TWO, "multitask": multitask}))
+
 
 @pytest.mark.parametrize("spec, message", BAD_SPECS, ids=[m[:40] for _, m in BAD_SPECS])
 def test_bad_specs_fail_with_a_located_message(tmp_path, spec, message):

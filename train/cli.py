@@ -14,6 +14,7 @@ import typer
 from mtft.registry import Registry, RegistryError
 
 from .base import BaseModelError, mtft_home, resolve_base
+from .multitask import train_multitask
 from .run import RunOptions, TaskResult, prepare, train_adapters
 from .spec import SpecError, load_spec
 
@@ -41,29 +42,59 @@ def _logging() -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
 
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="task spec YAML")]
+TaskOption = Annotated[Optional[list[str]], typer.Option("--task", "-t", help="train only these tasks")]
+OutputOption = Annotated[Optional[Path], typer.Option(help="run folder [default: runs/<spec name>[-shared]]")]
+ResumeOption = Annotated[bool, typer.Option(help="continue an interrupted run in the same folder")]
+CheckOption = Annotated[bool, typer.Option(help="validate spec, data, base model and registry; train nothing")]
+ThreadsOption = Annotated[Optional[int], typer.Option(help="CPU threads, overriding training.threads", min=1)]
+
+
 @app.command()
 def adapters(
-    config: Annotated[Path, typer.Option("--config", "-c", help="task spec YAML")],
-    task: Annotated[Optional[list[str]], typer.Option("--task", "-t", help="train only these tasks")] = None,
+    config: ConfigOption,
+    task: TaskOption = None,
     registry: RegistryOption = None,
-    output: Annotated[Optional[Path], typer.Option(help="run folder [default: runs/<spec name>]")] = None,
-    resume: Annotated[bool, typer.Option(help="continue an interrupted run in the same folder")] = False,
-    check: Annotated[bool, typer.Option(help="validate spec, data, base model and registry; train nothing")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads, overriding training.threads", min=1)] = None,
+    output: OutputOption = None,
+    resume: ResumeOption = False,
+    check: CheckOption = False,
+    threads: ThreadsOption = None,
+    one_pass: Annotated[bool, typer.Option(
+        "--one-pass", help="train every task's adapter in one run on mixed batches (base loaded once); "
+        "each adapter equals the one trained alone")] = False,
 ) -> None:
     """Train one LoRA adapter per task and publish each into the registry."""
+    _run(config, task, registry, output or Path("runs") / config.stem, resume, check, threads,
+         lambda spec, options: train_multitask(spec, options, shared=False) if one_pass else train_adapters(spec, options))
+
+
+@app.command()
+def shared(
+    config: ConfigOption,
+    task: TaskOption = None,
+    registry: RegistryOption = None,
+    output: OutputOption = None,
+    resume: ResumeOption = False,
+    check: CheckOption = False,
+    threads: ThreadsOption = None,
+) -> None:
+    """Train one shared adapter conditioned on task embeddings; publish each task's export."""
+    _run(config, task, registry, output or Path("runs") / f"{config.stem}-shared", resume, check, threads,
+         lambda spec, options: train_multitask(spec, options, shared=True))
+
+
+def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer) -> None:
     _logging()
     try:
         spec = load_spec(config)
         if threads is not None:
             spec.training.threads = threads
-        options = RunOptions(output=output or Path("runs") / config.stem, registry=_registry_path(registry),
-                             tasks=task, resume=resume)
+        options = RunOptions(output=output, registry=_registry_path(registry), tasks=task, resume=resume)
         if check:
             prepare(spec, options)
             typer.echo(f"{config}: OK ({len(options.tasks or spec.tasks)} tasks)")
             return
-        results = train_adapters(spec, options)
+        results = trainer(spec, options)
     except (SpecError, RegistryError, BaseModelError) as exc:
         _fail(exc)
     typer.echo(format_results(results))
@@ -71,9 +102,14 @@ def adapters(
 
 
 def format_results(results: list[TaskResult]) -> str:
-    rows = [("task", "metric", "base (zero-shot)", "adapter", "gain", "version")]
-    rows += [(r.task, r.metric, f"{r.base:.3f}", f"{r.adapter:.3f}", f"{r.adapter - r.base:+.3f}", f"v{r.version}")
-             for r in results]
+    """The final table; shared runs add the per-task adapters' scores where the registry has them."""
+    compare = any(r.separate is not None for r in results)
+    head = ("task", "metric", "base (zero-shot)") + (("per-task adapter",) if compare else ()) + ("adapter", "gain", "version")
+    rows = [head]
+    for r in results:
+        separate = (f"{r.separate:.3f}" if r.separate is not None else "-",) if compare else ()
+        rows.append((r.task, r.metric, f"{r.base:.3f}", *separate, f"{r.adapter:.3f}", f"{r.adapter - r.base:+.3f}",
+                     f"v{r.version}"))
     return _table(rows)
 
 

@@ -42,11 +42,15 @@ class Job:
 
     @property
     def total_steps(self) -> int:
-        t = self.training
-        if t.max_steps is not None:
-            return t.max_steps
-        batches = -(-len(self.items) // t.batch_size)
-        return max(1, round(t.epochs * batches / t.grad_accum))
+        return total_steps(len(self.items), self.training)
+
+
+def total_steps(examples: int, t: TrainingSpec) -> int:
+    """Optimizer steps: `max_steps`, else `epochs` over `examples`."""
+    if t.max_steps is not None:
+        return t.max_steps
+    batches = -(-examples // t.batch_size)
+    return max(1, round(t.epochs * batches / t.grad_accum))
 
 
 def train(model, optimizer_params, job: Job, accelerator, resume: bool, on_eval=None) -> None:
@@ -57,10 +61,10 @@ def train(model, optimizer_params, job: Job, accelerator, resume: bool, on_eval=
     ckpt = job.dir / "checkpoint"
     metrics_path = job.dir / "metrics.jsonl"
     start = 0
-    if resume and _latest(ckpt):
-        start = _load(_latest(ckpt), model, optimizer, scheduler, job)
-        _truncate_metrics(metrics_path, start)
-        log.info("%s: resuming at step %d/%d from %s", job.task, start, job.total_steps, _latest(ckpt))
+    if resume and latest_checkpoint(ckpt):
+        start = _load(latest_checkpoint(ckpt), model, optimizer, scheduler, job)
+        truncate_metrics(metrics_path, start)
+        log.info("%s: resuming at step %d/%d from %s", job.task, start, job.total_steps, latest_checkpoint(ckpt))
     else:
         metrics_path.unlink(missing_ok=True)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -111,37 +115,28 @@ def append_metrics(path: Path, row: dict) -> None:
         handle.write(json.dumps(row) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
+def truncate_metrics(path: Path, step: int) -> None:
     """Drop rows logged after the checkpoint: the resumed run logs them again."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
         path.write_text("".join(r + "\n" for r in rows))
 
 
-def _latest(ckpt: Path) -> Path | None:
-    # A kill between the two renames in _save leaves only the previous checkpoint.
+def latest_checkpoint(ckpt: Path) -> Path | None:
+    # A kill between the two renames in save_checkpoint leaves only the previous checkpoint.
     for candidate in (ckpt, ckpt.with_name("checkpoint.old")):
         if (candidate / "state.pt").exists():
             return candidate
     return None
 
 
-def _save(ckpt: Path, model, optimizer, scheduler, step: int, job: Job) -> None:
+def save_checkpoint(ckpt: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """Write trainable tensors and training state atomically: a kill leaves the old or the new one."""
     tmp, old = ckpt.with_name("checkpoint.tmp"), ckpt.with_name("checkpoint.old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(model).items()}, tmp / "adapter.safetensors")
-    torch.save(
-        {
-            "step": step,
-            "config_hash": job.config_hash,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "python_rng": random.getstate(),
-        },
-        tmp / "state.pt",
-    )
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "adapter.safetensors")
+    torch.save({**state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
     if ckpt.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(ckpt, old)
@@ -149,19 +144,31 @@ def _save(ckpt: Path, model, optimizer, scheduler, step: int, job: Job) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _load(ckpt: Path, model, optimizer, scheduler, job: Job) -> int:
+def load_checkpoint(ckpt: Path, config_hash: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and state of a checkpoint made with the same config; restores the RNGs."""
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    if state["config_hash"] != job.config_hash:
+    if state["config_hash"] != config_hash:
         raise SpecError(
             str(ckpt),
             [
-                f"checkpoint of task {job.task!r} was made with a different spec or base model; "
+                f"checkpoint of {what} was made with a different spec or base model; "
                 "rerun without --resume to start over, or restore the spec it was made with"
             ],
         )
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter.safetensors"))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    return load_file(ckpt / "adapter.safetensors"), state
+
+
+def _save(ckpt: Path, model, optimizer, scheduler, step: int, job: Job) -> None:
+    state = {"step": step, "config_hash": job.config_hash, "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict()}
+    save_checkpoint(ckpt, get_peft_model_state_dict(model), state)
+
+
+def _load(ckpt: Path, model, optimizer, scheduler, job: Job) -> int:
+    tensors, state = load_checkpoint(ckpt, job.config_hash, f"task {job.task!r}")
+    set_peft_model_state_dict(model, tensors)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     return state["step"]

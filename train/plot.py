@@ -35,3 +35,40 @@ def plot_curves(metrics: dict[str, Path], out: Path, metric_names: dict[str, str
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def plot_joint(metrics: Path, out: Path, metric_names: dict[str, str], stage_ends: list[int] | None = None) -> None:
+    """A multi-task run: one training-loss curve per task (left) and one eval curve per task (right).
+
+    Transfer, interference and forgetting show as curves moving together or apart; dashed lines
+    mark the ends of sequential stages.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not metrics.exists():
+        return
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, task in enumerate(metric_names):
+        color = f"C{i}"
+        losses = [(r["step"], r["tasks"][task]["loss"]) for r in rows if task in r.get("tasks", {})]
+        if losses:
+            loss_ax.plot(*zip(*losses), color=color, lw=1, label=task)
+        evals = sorted((r["step"], r["eval"][task]) for r in rows if task in (r.get("eval") or {}))
+        if evals:
+            eval_ax.plot(*zip(*evals), "o-", color=color, label=f"{task} ({metric_names[task]})")
+    for ax, title in ((loss_ax, "train loss per task"), (eval_ax, "eval metric per task")):
+        for end in stage_ends or []:
+            ax.axvline(end, color="grey", ls="--", lw=0.8)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    eval_ax.set_ylim(0, 1.02)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

@@ -48,6 +48,7 @@ class RunState(BaseModel):
     """`state.json` in the run directory: what a resumed run can skip."""
 
     tasks: dict[str, TaskState] = {}
+    config_hash: str | None = None  # multi-task runs: resume refuses a run made with another config
 
     @classmethod
     def load(cls, path: Path) -> RunState:
@@ -64,8 +65,9 @@ class TaskResult:
     task: str
     metric: str
     base: float
-    adapter: float
+    adapter: float  # the published adapter (shared runs: this task's export)
     version: int
+    separate: float | None = None  # shared runs: the newest per-task adapter's score, for comparison
 
 
 def set_threads(requested: int | None) -> int:
@@ -83,7 +85,7 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
     from transformers import AutoModelForCausalLM
 
     ready = prepare(spec, options)
-    tasks, tokenizer, templates, data, base_dir = ready.tasks, ready.tokenizer, ready.templates, ready.data, ready.base_dir
+    tasks, tokenizer, data, base_dir = ready.tasks, ready.tokenizer, ready.data, ready.base_dir
     registry = Registry(options.registry)
     base_ref = BaseModelRef(name=spec.base_model, path=str(base_dir), fingerprint=fingerprint(base_dir))
 
@@ -100,11 +102,11 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
     results = []
     for task in tasks:
         task_state = state.tasks.setdefault(task.name, TaskState())
-        end_ids = _end_ids(tokenizer, task.template)
+        ends = end_ids(tokenizer, task.template)
         task_dir = options.output / task.name
         task_dir.mkdir(exist_ok=True)
 
-        def run_eval(m, _task=task, _ids=end_ids) -> float:
+        def run_eval(m, _task=task, _ids=ends) -> float:
             return evaluate(m, tokenizer, data[_task.name].eval, _task.metric, _task.labels,
                             _task.max_new_tokens, _ids, spec.training.eval_batch_size).score
 
@@ -117,12 +119,12 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
             lora = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                               target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
             peft_model = get_peft_model(model, lora)
-            items, truncated = tokenize(data[task.name].train, tokenizer, end_ids[0], spec.training.max_length)
+            items, truncated = tokenize(data[task.name].train, tokenizer, ends[0], spec.training.max_length)
             if truncated:
                 log.warning("%s: %d examples longer than max_length=%d lost the start of their prompt",
                             task.name, truncated, spec.training.max_length)
             job = loop.Job(task.name, items, spec.training, task_dir,
-                           _config_hash(spec, task, base_ref.fingerprint), _pad_id(tokenizer, end_ids))
+                           _config_hash(spec, task, base_ref.fingerprint), pad_id(tokenizer, ends))
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
             loop.train(peft_model, trainable, job, accelerator, options.resume,
                        on_eval=lambda step: run_eval(peft_model))
@@ -131,20 +133,46 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
             adapter_dir = task_dir / "adapter"
             peft_model.save_pretrained(adapter_dir)
             _point_config_at(adapter_dir, base_dir)
-            record = AdapterRecord(
-                task=task.name, prefix=task.prefix, template=templates[task.name], base_model=base_ref,
-                rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=list(spec.lora.target_modules),
-                metric=task.metric, metrics={"base": task_state.base_score, "adapter": task_state.adapter_score},
-                eval_examples=len(data[task.name].eval), max_new_tokens=task.max_new_tokens,
-            )
-            task_state.version = registry.publish(adapter_dir, record).version
+            task_state.version = publish(registry, adapter_dir, task, ready, spec, base_ref, task_state,
+                                         "mtft-train adapters")
             state.save(state_path)
             model = peft_model.unload()
         results.append(TaskResult(task.name, task.metric, task_state.base_score,
                                   task_state.adapter_score, task_state.version))
     plot_curves({t.name: options.output / t.name / "metrics.jsonl" for t in tasks},
                 options.output / "curves.png", {t.name: t.metric for t in tasks})
+    write_results(options.output, "adapters", results)
     return results
+
+
+def save_adapter(model, lora_config, weights: dict, adapter_dir: Path, base_dir: Path):
+    """Write `weights` (a PEFT LoRA state dict) as a standard PEFT adapter; returns the bare model."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    peft_model = get_peft_model(model, lora_config)
+    set_peft_model_state_dict(peft_model, weights)
+    peft_model.save_pretrained(adapter_dir)
+    _point_config_at(adapter_dir, base_dir)
+    return peft_model.unload()
+
+
+def publish(registry: Registry, adapter_dir: Path, task: TaskSpec, ready: Prepared, spec: Spec,
+            base_ref: BaseModelRef, scores: TaskState, trained_by: str) -> int:
+    """Publish one evaluated adapter with its record; returns its version."""
+    record = AdapterRecord(
+        task=task.name, prefix=task.prefix, template=ready.templates[task.name], base_model=base_ref,
+        rank=spec.lora.rank, alpha=spec.lora.alpha, target_modules=list(spec.lora.target_modules),
+        metric=task.metric, metrics={"base": scores.base_score, "adapter": scores.adapter_score},
+        eval_examples=len(ready.data[task.name].eval), max_new_tokens=task.max_new_tokens, trained_by=trained_by,
+    )
+    return registry.publish(adapter_dir, record).version
+
+
+def write_results(output: Path, mode: str, results: list[TaskResult]) -> None:
+    """`results.json`: the run's final per-task scores, for scripts and benchmarks."""
+    rows = {r.task: {"metric": r.metric, "base": r.base, "adapter": r.adapter, "version": r.version,
+                     **({"separate": r.separate} if r.separate is not None else {})} for r in results}
+    (output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
 
 
 @dataclass(frozen=True)
@@ -200,7 +228,7 @@ def _with_chat_template(template: PromptTemplate, tokenizer, task: str) -> Promp
     return template.model_copy(update={"chat_template": tokenizer.chat_template})
 
 
-def _end_ids(tokenizer, template: PromptTemplate) -> list[int]:
+def end_ids(tokenizer, template: PromptTemplate) -> list[int]:
     """Answers end with the chat end token in chat format, with EOS in plain format."""
     eos = tokenizer.eos_token_id
     if template.format == "chat":
@@ -210,7 +238,7 @@ def _end_ids(tokenizer, template: PromptTemplate) -> list[int]:
     return [eos]
 
 
-def _pad_id(tokenizer, end_ids: list[int]) -> int:
+def pad_id(tokenizer, end_ids: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
 
 

@@ -1,0 +1,254 @@
+"""Multi-task training: the shared adapter's export, one-pass adapters, mixing in the loop, loss
+weighting, sequential stages, per-task monitoring and bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mtft.registry import Registry
+from mtft.train.mixing import chi_square_p
+from mtft.train.multitask import train_multitask
+from mtft.train.run import RunOptions
+from mtft.train.spec import SpecError, load_spec
+from mtft.train.tasklora import TaskLoRA
+
+from conftest import tiny_spec
+from test_train import adapter_weights, cli
+
+
+def _lora_init(model, rank=8, modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    config = LoraConfig(r=rank, lora_alpha=16, target_modules=list(modules), task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    return config, get_peft_model_state_dict(peft_model), peft_model.unload()
+
+
+@pytest.mark.parametrize("up_projections", [1, 3])
+def test_each_task_exported_from_the_shared_adapter_is_exactly_that_task(tiny_base, up_projections):
+    """The exported PEFT LoRA's logits equal the conditioned model's logits for its task (fp32)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    config, init, model = _lora_init(model)
+    lora = TaskLoRA(model, ["a", "b", "c"], init, 8, 16, 0.0, shared=True, up_projections=up_projections)
+    with torch.no_grad():  # every parameter away from its init, so B, Λ and θ all matter
+        for p in lora.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 900, (2, 12))
+    conditioned = {}
+    with torch.no_grad():
+        for task in lora.tasks:
+            with lora.task(task):
+                conditioned[task] = model(input_ids=ids).logits
+        exported = {t: lora.export(t) for t in lora.tasks}
+        base = lora.remove()(input_ids=ids).logits
+        for task in lora.tasks:
+            peft_model = get_peft_model(model, config)
+            set_peft_model_state_dict(peft_model, exported[task])
+            served = peft_model(input_ids=ids).logits
+            model = peft_model.unload()
+            torch.testing.assert_close(served, conditioned[task], rtol=1e-5, atol=1e-5)
+    # The check means something: tasks differ from each other and from the base.
+    assert (conditioned["a"] - conditioned["b"]).abs().max() > 1e-3
+    assert (conditioned["a"] - base).abs().max() > 1e-3
+
+
+def test_a_mixed_batch_sends_each_row_through_its_own_task(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    _, init, model = _lora_init(model)
+    lora = TaskLoRA(model, ["a", "b"], init, 8, 16, 0.0, shared=False)
+    with torch.no_grad():
+        for p in lora.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        ids = torch.randint(3, 900, (3, 10))
+        with lora.rows([("a", 2), ("b", 1)]):
+            mixed = model(input_ids=ids).logits
+        for rows, task in ((slice(0, 2), "a"), (slice(2, 3), "b")):
+            with lora.task(task):
+                torch.testing.assert_close(mixed[rows], model(input_ids=ids[rows]).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="rows cover 2 of 3"):
+        with lora.rows([("a", 2)]):
+            model(input_ids=ids)
+
+
+def test_one_pass_adapters_equal_the_adapters_trained_alone(trained, tmp_path):
+    """`adapters --one-pass` mixes every task in each batch, yet each adapter equals the sequential one."""
+    spec, options, sequential = trained
+    one_pass = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
+    results = train_multitask(spec, one_pass, shared=False)
+    assert [r.task for r in results] == [r.task for r in sequential]
+    for result in results:
+        alone, joint = adapter_weights(options.registry, result.task), adapter_weights(one_pass.registry, result.task)
+        assert alone.keys() == joint.keys()
+        for key in alone:
+            diff = (joint[key] - alone[key]).abs()
+            # Float tolerance: padding to a wider mixed batch reorders sums (~1e-7), and Adam turns the
+            # sign of a near-zero gradient into a full lr-sized step for a rare element.
+            assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 0.01, (key, diff.max())
+        assert max((alone[k] - adapter_weights(options.registry, "yesno" if result.task == "echo" else "echo")[k])
+                   .abs().max() for k in alone) > 1e-3, "tasks trained to the same weights: the test proves nothing"
+    record = Registry(one_pass.registry).latest()["yesno"]
+    assert record.trained_by == "mtft-train adapters --one-pass"
+    rows = [json.loads(x) for x in (one_pass.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all(set(r["tasks"]) == {"yesno", "echo"} for r in rows), "every step mixes both tasks"
+
+
+@pytest.fixture(scope="module")
+def shared_run(tiny_base, tmp_path_factory):
+    """`mtft-train shared` on the tiny tasks, through the CLI: (folder, spec path, output)."""
+    folder = tmp_path_factory.mktemp("shared")
+    spec_path = tiny_spec(folder, tiny_base, max_steps=24, learning_rate=1e-2, eval_every=8)
+    result = cli("shared", "--config", str(spec_path), "--registry", str(folder / "registry"),
+                 "--output", str(folder / "run"))
+    assert result.exit_code == 0, result.output
+    return folder, spec_path, result.output
+
+
+def test_shared_training_publishes_one_exported_adapter_per_task(shared_run):
+    folder, _, output = shared_run
+    latest = Registry(folder / "registry").latest()
+    assert set(latest) == {"yesno", "echo"}
+    for record in latest.values():
+        assert record.trained_by == "mtft-train shared" and record.rank == 8
+        assert {"base", "adapter"} <= record.metrics.keys()
+    results = json.loads((folder / "run" / "results.json").read_text())
+    assert results["mode"] == "shared" and set(results["tasks"]) == {"yesno", "echo"}
+    assert "base (zero-shot)" in output and "yesno" in output
+
+
+def test_shared_training_logs_per_task_curves_counts_mixing_and_weights(shared_run):
+    folder, _, _ = shared_run
+    rows = [json.loads(x) for x in (folder / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 25))
+    for task in ("yesno", "echo"):
+        losses = [r["tasks"][task]["loss"] for r in steps if task in r["tasks"]]
+        assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"{task}: loss did not go down"
+    last = steps[-1]
+    assert sum(last["seen"].values()) == 24 * 4  # max_steps × batch_size examples, all counted
+    assert last["mix"] == pytest.approx({"yesno": 0.5, "echo": 0.5})  # proportional on equal sizes
+    assert last["loss_weights"] == {"yesno": 1.0, "echo": 1.0}
+    evals = [r for r in rows if "eval" in r and "loss" in r]
+    assert [r["step"] for r in evals] == [8, 16] and all(set(r["eval"]) == {"yesno", "echo"} for r in evals)
+    assert (folder / "run" / "curves.png").stat().st_size > 10_000
+
+
+def test_proportional_mixing_in_training_matches_the_task_sizes(tiny_base, tmp_path):
+    """Realised per-task counts over a run follow P ∝ size (chi-square), with sizes 3:1."""
+    spec_path = tiny_spec(tmp_path, tiny_base, max_steps=60, eval_every=None, batch_size=8)
+    spec = load_spec(spec_path)
+    spec.tasks[1].limits.train_examples = 12  # echo: 12 train examples vs yesno's 36
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
+    train_multitask(spec, options, shared=True)
+    rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    seen = rows[-1]["seen"]
+    assert rows[-1]["mix"] == pytest.approx({"yesno": 0.75, "echo": 0.25})
+    assert chi_square_p([seen["yesno"], seen["echo"]], [0.75, 0.25]) > 0.001
+    assert chi_square_p([seen["yesno"], seen["echo"]], [0.5, 0.5]) < 1e-6  # the check can fail
+
+
+def _spec_with(tmp_path, tiny_base, multitask: dict, **training) -> Path:
+    path = tiny_spec(tmp_path, tiny_base, **training)
+    raw = yaml.safe_load(path.read_text())
+    raw["multitask"] = multitask
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def test_uncertainty_weighting_learns_and_logs_a_weight_per_task(tiny_base, tmp_path):
+    spec = load_spec(_spec_with(tmp_path, tiny_base, {"loss": {"weighting": "uncertainty", "averaging": "example"}},
+                                eval_every=None, learning_rate=5e-2))
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
+    train_multitask(spec, options, shared=True)
+    rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    first, last = rows[0]["loss_weights"], rows[-1]["loss_weights"]
+    assert first == pytest.approx({"yesno": 1.0, "echo": 1.0}, abs=0.1)
+    # Kendall: high-loss tasks get exp(-s) < 1 as s grows; the weights moved away from 1.
+    assert all(abs(last[t] - 1.0) > 0.05 for t in last)
+
+
+def test_sequential_stages_train_one_task_each_and_write_a_forgetting_table(tiny_base, tmp_path):
+    spec = load_spec(_spec_with(tmp_path, tiny_base, {
+        "schedule": "sequential", "sequential": {"order": ["echo", "yesno"], "replay": 0.25, "stage_steps": 6}},
+        eval_every=None))
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
+    train_multitask(spec, options, shared=True)
+    rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["stage"] for r in rows] == [0] * 6 + [1] * 6
+    assert all(r["mix"] == {"echo": 1.0} and set(r["tasks"]) == {"echo"} for r in rows[:6])
+    assert rows[6]["mix"] == {"yesno": 0.75, "echo": 0.25}  # replay of the earlier task
+    assert set(rows[5]["eval"]) == {"echo"}  # end of stage 0: the tasks seen so far
+    assert set(rows[-1]["eval"]) == {"echo", "yesno"}
+    table = (options.output / "forgetting.txt").read_text().splitlines()
+    assert table[0].split()[:3] == ["stage", "trained", "task"]
+    assert [line.split()[:3] for line in table[1:]] == [["0", "echo", "echo"], ["1", "yesno", "echo"],
+                                                        ["1", "yesno", "yesno"]]
+
+
+def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
+    spec_path = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "dynamic", "update_every": 3}},
+                           max_steps=200, checkpoint_every=1, eval_every=None)
+    command = [sys.executable, "-m", "mtft.train.cli", "shared", "--config", str(spec_path),
+               "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 20 <= len(metrics.read_text().splitlines()) < 200, "the run was not killed mid-way"
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "resuming the multi-task run at step" in result.stderr
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
+    assert [r["step"] for r in rows] == list(range(1, 201))
+
+    reference = RunOptions(output=tmp_path / "ref", registry=tmp_path / "ref-reg")
+    train_multitask(load_spec(spec_path), reference, shared=True)
+    ref_rows = [json.loads(x) for x in (reference.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert [r["seen"] for r in rows] == [r["seen"] for r in ref_rows]  # the same mixed batches
+    assert len({json.dumps(r["mix"]) for r in rows}) > 1, "dynamic mixing never re-weighted"
+    for task in ("yesno", "echo"):
+        resumed, straight = adapter_weights(tmp_path / "reg", task), adapter_weights(reference.registry, task)
+        assert all((resumed[k] == straight[k]).all() for k in straight)
+
+    changed = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "uniform"}}, max_steps=200,
+                         checkpoint_every=1, eval_every=None)
+    with pytest.raises(SpecError, match="different spec"):
+        train_multitask(load_spec(changed), RunOptions(output=tmp_path / "ref", registry=tmp_path / "x", resume=True),
+                        shared=True)
+
+
+def test_shared_bad_input_fails_at_start_and_leaves_the_registry_alone(shared_run, tmp_path, tiny_base):
+    folder, _, _ = shared_run
+    registry = folder / "registry"
+    before = sorted(p.relative_to(registry) for p in registry.rglob("*"))
+    spec_path = tiny_spec(tmp_path, tiny_base)
+    (tmp_path / "echo.jsonl").write_text("")  # a shared-mode task without data
+    result = cli("shared", "--config", str(spec_path), "--registry", str(registry), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "task 'echo': the train split is empty; add examples" in result.output
+    result = cli("shared", "--config", str(spec_path), "--task", "yesno", "--registry", str(registry),
+                 "--output", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "mtft-train shared needs at least two tasks" in result.output
+    bad = _spec_with(tmp_path, tiny_base, {"schedule": "sequential", "sequential": {"order": ["yesno", "nope"]}})
+    result = cli("shared", "--config", str(bad), "--registry", str(registry), "--output", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "multitask.sequential.order: unknown tasks ['nope']" in result.output
+    assert "Traceback" not in result.output
+    assert sorted(p.relative_to(registry) for p in registry.rglob("*")) == before

@@ -1,0 +1,172 @@
+"""Task-conditioned LoRA layers: many task adapters, or one shared adapter, inside one frozen base.
+
+PEFT refuses batches that mix adapters in training mode, so multi-task training has its own
+layer. Every target Linear of the base gets either one LoRA per task (`separate`: all task
+adapters trained in one pass) or one LoRA shared by all tasks and conditioned on learned task
+embeddings (`shared`, in the spirit of MTL-LoRA, Yang et al. 2024):
+
+    delta_t(x) = s · B_t Λ_t A x,    B_t = Σ_k softmax(θ_t / τ)_k B_k
+
+A (down) and the B_k (up) are shared; the task embedding is Λ_t (an r×r transform of the rank
+space, initialised to the identity) and θ_t (the task's mixture over K up-projections, K=1 by
+default). Folding B_t Λ_t gives every task an ordinary PEFT LoRA of the same rank, so vLLM serves
+exported tasks unchanged. Each batch row goes through its own task's weights; the rows of one task
+are contiguous and `TaskLoRA.rows` says which task each run of rows belongs to.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict keys: PEFT_PREFIX + module + ".lora_A.weight"
+
+
+class _Rows:
+    """Which task each run of batch rows belongs to; one object shared by every layer."""
+
+    def __init__(self) -> None:
+        self.runs: list[tuple[int, int]] | None = None  # (task index, rows), in batch order
+        self.task: int | None = None  # every row: one task (generation)
+
+    def segments(self, batch: int) -> list[tuple[int, int, int]]:
+        if self.task is not None:
+            return [(self.task, 0, batch)]
+        if self.runs is None:
+            raise RuntimeError("TaskLoRA: say which task each row is for (TaskLoRA.rows or .task)")
+        out, start = [], 0
+        for task, count in self.runs:
+            out.append((task, start, start + count))
+            start += count
+        if start != batch:
+            raise RuntimeError(f"TaskLoRA: rows cover {start} of {batch} batch rows")
+        return out
+
+
+class TaskLoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, tasks: int, rank: int, alpha: float, dropout: float,
+                 shared: bool, up_projections: int, tau: float, rows: _Rows):
+        super().__init__()
+        self.base, self.rows, self.shared, self.tau = base, rows, shared, tau
+        self.scaling = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        n_down, n_up = (1, up_projections) if shared else (tasks, tasks)
+
+        def params(n, *shape, init=torch.zeros):
+            return nn.ParameterList(nn.Parameter(init(*shape)) for _ in range(n))
+
+        self.lora_A = params(n_down, rank, base.in_features)
+        self.lora_B = params(n_up, base.out_features, rank)
+        if shared:
+            self.transform = params(tasks, rank, init=torch.eye)
+            # Random θ breaks the symmetry between up-projections (equal B_k would stay equal).
+            self.up_logits = params(tasks, up_projections, init=lambda k: 0.5 * torch.randn(k)) if up_projections > 1 else None
+
+    def up(self, task: int) -> torch.Tensor:
+        """B_t: the task's up-projection before its transform."""
+        if not self.shared:
+            return self.lora_B[task]
+        if self.up_logits is None:
+            return self.lora_B[0]
+        weights = torch.softmax(self.up_logits[task] / self.tau, dim=0)
+        return torch.einsum("k,kor->or", weights, torch.stack(list(self.lora_B)))
+
+    def export(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of an ordinary LoRA equal to this task's delta."""
+        if not self.shared:
+            return self.lora_A[task], self.lora_B[task]
+        return self.lora_A[0], self.up(task) @ self.transform[task]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        pieces = []
+        for task, start, stop in self.rows.segments(x.shape[0]):
+            h = F.linear(self.dropout(x[start:stop]), self.lora_A[0 if self.shared else task])
+            if self.shared:
+                h = F.linear(h, self.transform[task])
+            pieces.append(F.linear(h, self.up(task)) * self.scaling)
+        return out + (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+
+
+class TaskLoRA:
+    """Task-conditioned LoRA on every module named in a PEFT initial state (`init`)."""
+
+    def __init__(self, model: nn.Module, tasks: list[str], init: dict[str, torch.Tensor], rank: int, alpha: float,
+                 dropout: float, shared: bool, up_projections: int = 1, tau: float = 1.0):
+        self.model, self.tasks, self.shared = model, list(tasks), shared
+        self._rows = _Rows()
+        self.layers: dict[str, TaskLoRALinear] = {}
+        names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in init})
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            base = getattr(parent, attr)
+            layer = TaskLoRALinear(base, len(tasks), rank, alpha, dropout, shared, up_projections, tau, self._rows)
+            with torch.no_grad():
+                for a in layer.lora_A:
+                    a.copy_(init[f"{PEFT_PREFIX}{name}.lora_A.weight"])
+                for b in layer.lora_B:
+                    b.copy_(init[f"{PEFT_PREFIX}{name}.lora_B.weight"])
+            layer.to(base.weight.device)
+            setattr(parent, attr, layer)
+            self.layers[name] = layer
+
+    def index(self, task: str) -> int:
+        return self.tasks.index(task)
+
+    @contextmanager
+    def rows(self, runs: list[tuple[str, int]]):
+        """Forward passes inside see `runs` = [(task, row count), ...] in batch order."""
+        self._rows.runs, self._rows.task = [(self.index(t), n) for t, n in runs], None
+        try:
+            yield
+        finally:
+            self._rows.runs = None
+
+    @contextmanager
+    def task(self, name: str):
+        """Every row is `name`'s: the model behaves as that task's exported adapter (generation)."""
+        previous = self._rows.task
+        self._rows.task = self.index(name)
+        try:
+            yield
+        finally:
+            self._rows.task = previous
+
+    def parameters(self, task: str | None = None) -> list[nn.Parameter]:
+        """A task's own adapter (separate) or every trainable parameter (task=None)."""
+        if task is None:
+            return [p for layer in self.layers.values() for n, p in layer.named_parameters() if not n.startswith("base.")]
+        i = self.index(task)
+        return [p for layer in self.layers.values() for p in (layer.lora_A[i], layer.lora_B[i])]
+
+    def export(self, task: str) -> dict[str, torch.Tensor]:
+        """The task's adapter as a PEFT LoRA state dict (set_peft_model_state_dict reads it)."""
+        i = self.index(task)
+        out = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                a, b = layer.export(i)
+                out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.detach().clone().contiguous()
+                out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.detach().clone().contiguous()
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"{name}.{k}": v for name, layer in self.layers.items()
+                for k, v in layer.state_dict().items() if not k.startswith("base.")}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.layers.items():
+            own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
+            layer.load_state_dict(own, strict=False)
+
+    def remove(self) -> nn.Module:
+        """Put the base Linears back; the model is the untouched frozen base again."""
+        for name, layer in self.layers.items():
+            parent_name, _, attr = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), attr, layer.base)
+        self.layers = {}
+        return self.model
