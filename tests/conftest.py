@@ -143,3 +143,18 @@ def trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     spec = load_spec(tiny_spec(folder, tiny_base))
     options = RunOptions(output=folder / "run", registry=folder / "registry")
     return spec, options, train_adapters(spec, options)
+
+
+@pytest.fixture(scope="session")
+def shared_trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`mtft-train shared` on both tiny tasks through the CLI, once per session: (folder, spec, output)."""
+    from typer.testing import CliRunner
+
+    from mtft.train.cli import app
+
+    folder = tmp_path_factory.mktemp("shared")
+    spec_path = tiny_spec(folder, tiny_base, max_steps=12, learning_rate=1e-2, eval_every=8)
+    result = CliRunner().invoke(app, ["shared", "--config", str(spec_path), "--registry", str(folder / "registry"),
+                                      "--output", str(folder / "run")])
+    assert result.exit_code == 0, result.output
+    return folder, spec_path, result.output

@@ -4,16 +4,13 @@ weighting, sequential stages, per-task monitoring and bad input."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from mtft.registry import Registry
 from mtft.train.mixing import chi_square_p
@@ -23,7 +20,7 @@ from mtft.train.spec import SpecError, load_spec
 from mtft.train.tasklora import TaskLoRA
 
 from conftest import tiny_spec
-from test_train import adapter_weights, cli
+from test_train import adapter_weights, cli, kill_after_rows
 
 
 def _lora_init(model, rank=8, modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -109,15 +106,9 @@ def test_one_pass_adapters_equal_the_adapters_trained_alone(trained, tmp_path):
     assert all(set(r["tasks"]) == {"yesno", "echo"} for r in rows), "every step mixes both tasks"
 
 
-@pytest.fixture(scope="module")
-def shared_run(tiny_base, tmp_path_factory):
-    """`mtft-train shared` on the tiny tasks, through the CLI: (folder, spec path, output)."""
-    folder = tmp_path_factory.mktemp("shared")
-    spec_path = tiny_spec(folder, tiny_base, max_steps=24, learning_rate=1e-2, eval_every=8)
-    result = cli("shared", "--config", str(spec_path), "--registry", str(folder / "registry"),
-                 "--output", str(folder / "run"))
-    assert result.exit_code == 0, result.output
-    return folder, spec_path, result.output
+@pytest.fixture
+def shared_run(shared_trained):
+    return shared_trained
 
 
 def test_shared_training_publishes_one_exported_adapter_per_task(shared_run):
@@ -141,7 +132,7 @@ def test_shared_training_logs_per_task_curves_counts_mixing_and_weights(shared_r
         losses = [r["tasks"][task]["loss"] for r in steps if task in r["tasks"]]
         assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"{task}: loss did not go down"
     last = steps[-1]
-    assert sum(last["seen"].values()) == 24 * 4  # max_steps × batch_size examples, all counted
+    assert sum(last["seen"].values()) == 24 * 4  # max_steps × tasks steps of batch_size examples, all counted
     assert last["mix"] == pytest.approx({"yesno": 0.5, "echo": 0.5})  # proportional on equal sizes
     assert last["loss_weights"] == {"yesno": 1.0, "echo": 1.0}
     evals = [r for r in rows if "eval" in r and "loss" in r]
@@ -151,7 +142,7 @@ def test_shared_training_logs_per_task_curves_counts_mixing_and_weights(shared_r
 
 def test_proportional_mixing_in_training_matches_the_task_sizes(tiny_base, tmp_path):
     """Realised per-task counts over a run follow P ∝ size (chi-square), with sizes 3:1."""
-    spec_path = tiny_spec(tmp_path, tiny_base, max_steps=60, eval_every=None, batch_size=8)
+    spec_path = tiny_spec(tmp_path, tiny_base, max_steps=30, eval_every=None, batch_size=8)
     spec = load_spec(spec_path)
     spec.tasks[1].limits.train_examples = 12  # echo: 12 train examples vs yesno's 36
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
@@ -203,17 +194,11 @@ def test_sequential_stages_train_one_task_each_and_write_a_forgetting_table(tiny
 
 def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
     spec_path = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "dynamic", "update_every": 3}},
-                           max_steps=200, checkpoint_every=1, eval_every=None)
+                           max_steps=100, checkpoint_every=1, eval_every=None)
     command = [sys.executable, "-m", "mtft.train.cli", "shared", "--config", str(spec_path),
                "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert 20 <= len(metrics.read_text().splitlines()) < 200, "the run was not killed mid-way"
+    kill_after_rows(command, metrics, rows=20, total=200)
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "resuming the multi-task run at step" in result.stderr
@@ -229,7 +214,7 @@ def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
         resumed, straight = adapter_weights(tmp_path / "reg", task), adapter_weights(reference.registry, task)
         assert all((resumed[k] == straight[k]).all() for k in straight)
 
-    changed = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "uniform"}}, max_steps=200,
+    changed = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "uniform"}}, max_steps=100,
                          checkpoint_every=1, eval_every=None)
     with pytest.raises(SpecError, match="different spec"):
         train_multitask(load_spec(changed), RunOptions(output=tmp_path / "ref", registry=tmp_path / "x", resume=True),

@@ -71,7 +71,6 @@ class Load:
 
 
 def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_request(client, stack):
-    registry = Registry(stack.registry)
     jobs = [(task, text) for task in ("yesno", "echo") for text in TEXTS]
     alone = {job: answer(client, *job) for job in jobs}
     with Load(client, jobs) as load:
@@ -191,7 +190,6 @@ def test_admin_post_and_delete_publish_and_withdraw_a_task(client, stack):
 
 
 def test_vllm_killed_gives_503_with_retry_after_then_recovers_by_itself(client, stack):
-    registry = Registry(stack.registry)
     stack.publish_copy("yesno", task="revive", prefix="revive: ")
     wait_until_served(client, "revive", "revive-v1")
     before = {task: answer(client, task, TEXTS[0]) for task in ("yesno", "echo", "revive")}
@@ -208,3 +206,31 @@ def test_vllm_killed_gives_503_with_retry_after_then_recovers_by_itself(client, 
     print(f"recovered in {time.monotonic() - started:.1f} s")
     assert after == before  # the runtime-loaded adapter was loaded again too
     stack.admin("DELETE", "/revive").raise_for_status()
+
+
+def test_shared_adapter_exports_are_served_and_routed_like_any_adapter(client, stack, shared_trained, tiny_base):
+    """`mtft-train shared` publishes ordinary adapters: the router routes to them, vLLM answers as HF does."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtft.registry import render_prompt
+    from mtft.train.evaluate import generate
+    from serving import publish_copy
+
+    shared = Registry(shared_trained[0] / "registry")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    base = AutoModelForCausalLM.from_pretrained(tiny_base)
+    for task in ("yesno", "echo"):
+        # Under another name, so the session's yesno and echo stay as they were.
+        record = publish_copy(shared, task, Registry(stack.registry), task=f"shared-{task}", prefix=f"shared-{task}: ")
+        wait_until_served(client, record.task, record.name)
+        raw = client.completions.with_raw_response.create(model="mtft", prompt=record.prefix + TEXTS[1])
+        assert (raw.headers["x-mtft-task"], raw.headers["x-mtft-route"]) == (record.task, "prefix")
+        model = PeftModel.from_pretrained(base, shared.version_dir(task, shared.latest()[task].version))
+        end_ids = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"] if record.template.format == "chat"
+                                                  else ["<|endoftext|>"])
+        prompts = [render_prompt(record.template, record.prefix, t) for t in TEXTS]
+        offline = generate(model, tokenizer, prompts, record.max_new_tokens, end_ids, batch_size=1)
+        assert [answer(client, record.task, t)[0].strip() for t in TEXTS] == offline, task
+        base = model.unload()
+        stack.admin("DELETE", f"/{record.task}").raise_for_status()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -11,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -81,14 +79,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(trained, tmp_p
     command = [sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(spec_path), "--task", "yesno",
                "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
     metrics = tmp_path / "run" / "yesno" / "metrics.jsonl"
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 20):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = len(metrics.read_text().splitlines())
-    assert 20 <= killed_at < 300, "the run was not killed mid-way"
+    kill_after_rows(command, metrics, rows=20, total=300)
     assert not Registry(tmp_path / "reg").versions("yesno"), "a killed run published an adapter"
 
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
@@ -101,6 +92,17 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(trained, tmp_p
     train_adapters(load_spec(spec_path), reference)
     resumed, straight = adapter_weights(tmp_path / "reg", "yesno"), adapter_weights(reference.registry, "yesno")
     assert all((resumed[k] == straight[k]).all() for k in straight)
+
+
+def kill_after_rows(command: list[str], metrics: Path, rows: int, total: int) -> None:
+    """Start a training command and SIGKILL it once `metrics` has `rows` lines."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < rows):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert rows <= len(metrics.read_text().splitlines()) < total, "the run was not killed mid-way"
 
 
 def test_retraining_publishes_the_next_version(trained, tmp_path):

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_vllm_parity import ENGINE, hf_peft_greedy
+from test_vllm_parity import ENGINE, hf_peft_greedy, latest_adapters
 
 from mtft.registry import Registry, render_prompt
 from mtft.serve.vllm_plugin import ENV
@@ -41,7 +41,7 @@ def test_base_and_adapter_prompts_in_one_batch_each_get_their_own_answer(trained
     prompts = {task: [render_prompt(r.template, r.prefix, w) for w in WORDS] for task, r in records.items()}
     prompts["base"] = prompts["yesno"]  # the base model on the same prompts as an adapter
 
-    expected = hf_peft_greedy(tiny_base, registry, prompts)
+    expected = hf_peft_greedy(tiny_base, latest_adapters(registry), prompts)
     assert all(expected[task] != expected["base"] for task in records)  # or the test proves nothing
 
     # Interleaved, so every batch step holds base rows between rows of different adapters.

@@ -31,35 +31,40 @@ def hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
     return out
 
 
-def hf_peft_greedy(base_folder: Path, registry: Registry, prompts: dict[str, list[str]]) -> dict:
-    """HF greedy tokens for {"base" | task: prompts}, each task through its latest adapter with PEFT."""
+def hf_peft_greedy(base_folder: Path, adapters: dict[str, Path], prompts: dict[str, list[str]]) -> dict:
+    """HF greedy tokens for {"base" | name: prompts}, each name through its adapter folder with PEFT."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base_folder)
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
-    records = registry.latest()
     expected = {"base": hf_greedy(base, tokenizer, prompts["base"])}
-    for task in prompts.keys() - {"base"}:
-        model = PeftModel.from_pretrained(base, registry.version_dir(task, records[task].version)).eval()
-        expected[task] = hf_greedy(model, tokenizer, prompts[task])
+    for name in prompts.keys() - {"base"}:
+        model = PeftModel.from_pretrained(base, adapters[name]).eval()
+        expected[name] = hf_greedy(model, tokenizer, prompts[name])
         base = model.unload()
     return expected
 
 
-@pytest.mark.slow
-def test_vllm_greedy_tokens_equal_hf_peft_for_every_adapter(trained, tiny_base, tmp_path):
-    _, options, _ = trained
-    registry = Registry(options.registry)
-    records = registry.latest()
-    words = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
-    prompts = {task: [render_prompt(r.template, r.prefix, w) for w in words] for task, r in records.items()}
+def latest_adapters(registry: Registry, prefix: str = "") -> dict[str, Path]:
+    return {prefix + t: registry.version_dir(t, r.version) for t, r in registry.latest().items()}
 
-    expected = hf_peft_greedy(tiny_base, registry, {"base": prompts["yesno"], **prompts})
+
+@pytest.mark.slow
+def test_vllm_greedy_tokens_equal_hf_peft_for_every_adapter(trained, shared_trained, tiny_base, tmp_path):
+    """Per-task adapters and the shared adapter's per-task exports alike."""
+    registry, shared = Registry(trained[1].registry), Registry(shared_trained[0] / "registry")
+    words = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
+    prompts = {prefix + task: [render_prompt(r.template, r.prefix, w) for w in words]
+               for prefix, source in (("", registry), ("shared-", shared)) for task, r in source.latest().items()}
+    adapters = latest_adapters(registry) | latest_adapters(shared, "shared-")
+    assert {r.trained_by for r in shared.latest().values()} == {"mtft-train shared"}
+
+    expected = hf_peft_greedy(tiny_base, adapters, {"base": prompts["yesno"], **prompts})
 
     request = {
         "model": str(tiny_base),
-        "adapters": {t: str(registry.version_dir(t, r.version)) for t, r in records.items()},
+        "adapters": {name: str(path) for name, path in adapters.items()},
         "prompts": {"base": prompts["yesno"], **prompts},
         "max_tokens": NEW_TOKENS,
     }
@@ -70,4 +75,5 @@ def test_vllm_greedy_tokens_equal_hf_peft_for_every_adapter(trained, tiny_base, 
     served = json.loads((tmp_path / "out.json").read_text())
     assert served == expected
     # The comparison means something only if the adapters change the output.
-    assert expected["yesno"] != expected["base"]
+    assert expected["yesno"] != expected["base"] and expected["shared-yesno"] != expected["base"]
+    assert expected["shared-echo"] != expected["echo"]

@@ -154,7 +154,7 @@ def train(lora: TaskLoRA, job: JointJob, resume: bool, device, on_eval: Evaluato
                 dynamic.observe_loss(n, s["loss"])
         seconds = time.perf_counter() - began
         row = {"step": step + 1, "loss": sum(s["share"] * s["loss"] for s in stats.values()), "lr": schedulers[stepped[0]].get_last_lr()[0],
-               "tokens_per_s": tokens / seconds,
+               "tokens_per_s": tokens / seconds, "seconds": seconds,
                "tasks": {n: {"loss": s["loss"], "examples": s["examples"], "tokens": s["tokens"]} for n, s in stats.items()},
                "seen": dict(seen)}
         if shared:
@@ -219,7 +219,8 @@ def _step(lora: TaskLoRA, job: JointJob, parts: list[list[tuple[str, int]]], sha
     weights = _weights(job, log_var) if shared else None
     sums = {n: 0.0 for n in counts}
     tokens = 0
-    for m, part in enumerate(parts):
+    chunks = [chunk for part in parts for chunk in _chunks(part, job, job.training.batch_size)]
+    for m, part in enumerate(chunks):
         rows = [job.items[n][i] for n, i in part]
         runs = _runs([n for n, _ in part])
         batch = {k: v.to(device) for k, v in collate(rows, job.pad_id).items()}
@@ -250,6 +251,28 @@ def _step(lora: TaskLoRA, job: JointJob, parts: list[list[tuple[str, int]]], sha
     stats = {n: {"loss": sums[n] / counts[n], "examples": examples[n], "tokens": targets[n],
                  "share": counts[n] / whole} for n in counts}
     return stats, tokens
+
+
+PADDING_SLACK = 1.25  # a forward's padded tokens may exceed its real tokens by this factor
+
+
+def _chunks(part: list[tuple[str, int]], job: JointJob, min_rows: int) -> list[list[tuple[str, int]]]:
+    """Split a micro-batch into forwards of similar length, each with its rows grouped by task.
+
+    Tasks differ in length (a chat task's prompts can be twice a label task's), and padding every
+    row of a mixed batch to the longest would waste more compute than batching saves. The loss
+    normalisers cover the whole step, so how rows are split into forwards changes nothing else.
+    """
+    length = {row: len(job.items[row[0]][row[1]].input_ids) for row in part}
+    chunks, current, tokens = [], [], 0
+    for row in sorted(part, key=length.__getitem__):
+        if len(current) >= min_rows and (len(current) + 1) * length[row] > PADDING_SLACK * (tokens + length[row]):
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(row)
+        tokens += length[row]
+    chunks.append(current)
+    return [sorted(chunk, key=lambda row: job.tasks.index(row[0])) for chunk in chunks]
 
 
 def _runs(names: list[str]) -> list[tuple[str, int]]:

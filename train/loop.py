@@ -98,7 +98,7 @@ def train(model, optimizer_params, job: Job, accelerator, resume: bool, on_eval=
         optimizer.zero_grad(set_to_none=True)
         seconds = time.perf_counter() - began
         row = {"step": step + 1, "epoch": epoch, "loss": loss_sum / targets,
-               "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds}
+               "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds, "seconds": seconds}
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if on_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < job.total_steps:

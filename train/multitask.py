@@ -12,11 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from pathlib import Path
 
 import torch
 
-from mtft.registry import BaseModelRef, Registry, fingerprint
+from mtft.registry import BaseModelRef, Registry
 
 from . import joint
 from .batches import tokenize
@@ -27,15 +26,14 @@ from .plot import plot_joint
 from .run import (
     Prepared,
     RunOptions,
-    RunState,
     TaskResult,
     TaskState,
     end_ids,
+    open_run,
     pad_id,
     prepare,
     publish,
     save_adapter,
-    set_threads,
     write_results,
 )
 from .spec import Spec, SpecError, TaskSpec
@@ -46,9 +44,7 @@ log = logging.getLogger(__name__)
 
 def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskResult]:
     """Train every selected task in one run: one shared adapter, or one adapter each (one pass)."""
-    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
 
     ready = prepare(spec, options)
     if shared and len(ready.tasks) < 2:
@@ -56,17 +52,10 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
                                            "use mtft-train adapters for a single task"])
     tasks, tokenizer, data = ready.tasks, ready.tokenizer, ready.data
     names = [t.name for t in tasks]
-    registry = Registry(options.registry)
-    base_ref = BaseModelRef(name=spec.base_model, path=str(ready.base_dir), fingerprint=fingerprint(ready.base_dir))
     trained_by = "mtft-train shared" if shared else "mtft-train adapters --one-pass"
-    options.output.mkdir(parents=True, exist_ok=True)
-    (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
-    state_path = options.output / "state.json"
-    state = RunState.load(state_path) if options.resume else RunState()
-    set_threads(spec.training.threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    model = AutoModelForCausalLM.from_pretrained(ready.base_dir, dtype=torch.float32).to(accelerator.device)
-    model.requires_grad_(False)
+    run = open_run(spec, options, ready)
+    registry, base_ref, state, state_path, accelerator, model = (
+        run.registry, run.base_ref, run.state, run.state_path, run.accelerator, run.model)
     ends = {t.name: end_ids(tokenizer, t.template) for t in tasks}
     config_hash = _config_hash(spec, tasks, base_ref.fingerprint, shared)
     if state.config_hash not in (None, config_hash):
@@ -150,7 +139,9 @@ def plan_stages(spec: Spec, ready: Prepared, items, model, lora: TaskLoRA, pad: 
     """One stage (joint), or one per task and round (sequential) with replay of earlier tasks."""
     m = spec.multitask
     sizes = {n: len(v) for n, v in items.items()}
-    total = total_steps(sum(sizes.values()), spec.training)
+    # The compute of N per-task adapters: max_steps per task, or epochs over every task's data.
+    t = spec.training
+    total = t.max_steps * len(sizes) if t.max_steps is not None else total_steps(sum(sizes.values()), t)
     if m.schedule == "joint":
         return [Stage(total)]
     seq = m.sequential

@@ -80,24 +80,13 @@ def set_threads(requested: int | None) -> int:
 
 
 def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
-    from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
     ready = prepare(spec, options)
     tasks, tokenizer, data, base_dir = ready.tasks, ready.tokenizer, ready.data, ready.base_dir
-    registry = Registry(options.registry)
-    base_ref = BaseModelRef(name=spec.base_model, path=str(base_dir), fingerprint=fingerprint(base_dir))
-
-    options.output.mkdir(parents=True, exist_ok=True)
-    (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
-    state_path = options.output / "state.json"
-    state = RunState.load(state_path) if options.resume else RunState()
-    set_threads(spec.training.threads)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    torch.manual_seed(spec.training.seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(accelerator.device)
-    model.requires_grad_(False)
+    run = open_run(spec, options, ready)
+    registry, base_ref, state, state_path, accelerator, model = (
+        run.registry, run.base_ref, run.state, run.state_path, run.accelerator, run.model)
 
     results = []
     for task in tasks:
@@ -173,6 +162,35 @@ def write_results(output: Path, mode: str, results: list[TaskResult]) -> None:
     rows = {r.task: {"metric": r.metric, "base": r.base, "adapter": r.adapter, "version": r.version,
                      **({"separate": r.separate} if r.separate is not None else {})} for r in results}
     (output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
+
+
+@dataclass
+class OpenRun:
+    """A started run: its registry, base model (loaded once, frozen) and resumable state."""
+
+    registry: Registry
+    base_ref: BaseModelRef
+    state: RunState
+    state_path: Path
+    accelerator: object
+    model: object
+
+
+def open_run(spec: Spec, options: RunOptions, ready: Prepared) -> OpenRun:
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    base_ref = BaseModelRef(name=spec.base_model, path=str(ready.base_dir), fingerprint=fingerprint(ready.base_dir))
+    options.output.mkdir(parents=True, exist_ok=True)
+    (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
+    state_path = options.output / "state.json"
+    state = RunState.load(state_path) if options.resume else RunState()
+    set_threads(spec.training.threads)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    torch.manual_seed(spec.training.seed)
+    model = AutoModelForCausalLM.from_pretrained(ready.base_dir, dtype=torch.float32).to(accelerator.device)
+    model.requires_grad_(False)
+    return OpenRun(Registry(options.registry), base_ref, state, state_path, accelerator, model)
 
 
 @dataclass(frozen=True)

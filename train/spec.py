@@ -97,7 +97,7 @@ class LoraSpec(Strict):
 
 
 class TrainingSpec(Strict):
-    max_steps: int | None = Field(default=None, gt=0, description="optimizer steps per task")
+    max_steps: int | None = Field(default=None, gt=0, description="optimizer steps per task (shared: × tasks in all)")
     epochs: float | None = Field(default=None, gt=0, description="used when max_steps is unset")
     learning_rate: float = Field(default=2e-4, gt=0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"

@@ -82,13 +82,16 @@ class TaskLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        pieces = []
-        for task, start, stop in self.rows.segments(x.shape[0]):
+        segments = self.rows.segments(x.shape[0])
+        for task, start, stop in segments:
             h = F.linear(self.dropout(x[start:stop]), self.lora_A[0 if self.shared else task])
             if self.shared:
                 h = F.linear(h, self.transform[task])
-            pieces.append(F.linear(h, self.up(task)) * self.scaling)
-        return out + (pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+            delta = F.linear(h, self.up(task)) * self.scaling
+            if len(segments) == 1:
+                return out + delta
+            out[start:stop] += delta  # in place: a Linear's backward needs its input, not its output
+        return out
 
 
 class TaskLoRA:
