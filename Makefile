@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench bench-real clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,16 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q --durations=15
 
-# Throughput tables; each bench/*.py prints its own (minutes on 2 cores: run on a quiet machine).
+# Side-by-side ratios; each script prints its own table (minutes on 2 cores: run on a quiet machine).
 bench: venv
-	for script in bench/*.py; do $(BIN)/python $$script || exit 1; done
+	$(BIN)/mtft-train prepare-base smollm2-135m
+	for script in lora_throughput router_latency one_pass; do $(BIN)/python bench/$$script.py || exit 1; done
+
+# Real data (SST-2, GSM8K, SciTLDR; never copied here): base vs per-task adapters vs shared, ~1 h on 2 cores.
+DATA ?= ../shared/data
+bench-real: venv
+	$(BIN)/mtft-train prepare-base smollm2-135m
+	$(BIN)/python bench/multitask_real.py --data $(DATA) --out runs/bench-real
 
 clean:
 	rm -rf runs .pytest_cache

@@ -219,7 +219,7 @@ def _step(lora: TaskLoRA, job: JointJob, parts: list[list[tuple[str, int]]], sha
     weights = _weights(job, log_var) if shared else None
     sums = {n: 0.0 for n in counts}
     tokens = 0
-    chunks = [chunk for part in parts for chunk in _chunks(part, job, job.training.batch_size)]
+    chunks = [chunk for part in parts for chunk in _chunks(part, job, max(1, job.training.batch_size // 2))]
     for m, part in enumerate(chunks):
         rows = [job.items[n][i] for n, i in part]
         runs = _runs([n for n, _ in part])

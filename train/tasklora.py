@@ -81,17 +81,18 @@ class TaskLoRALinear(nn.Module):
         return self.lora_A[0], self.up(task) @ self.transform[task]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         segments = self.rows.segments(x.shape[0])
+        pieces = []
         for task, start, stop in segments:
             h = F.linear(self.dropout(x[start:stop]), self.lora_A[0 if self.shared else task])
-            if self.shared:
-                h = F.linear(h, self.transform[task])
-            delta = F.linear(h, self.up(task)) * self.scaling
-            if len(segments) == 1:
-                return out + delta
-            out[start:stop] += delta  # in place: a Linear's backward needs its input, not its output
-        return out
+            pieces.append(F.linear(h, self.transform[task]) if self.shared else h)
+        if self.shared and self.up_logits is None:
+            # Rows differ only in the rank space (r wide): one up-projection serves the whole batch.
+            delta = F.linear(pieces[0] if len(pieces) == 1 else torch.cat(pieces), self.lora_B[0])
+        else:
+            deltas = [F.linear(h, self.up(task)) for h, (task, _, _) in zip(pieces, segments)]
+            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
+        return self.base(x) + delta * self.scaling
 
 
 class TaskLoRA:
@@ -162,9 +163,13 @@ class TaskLoRA:
                 for k, v in layer.state_dict().items() if not k.startswith("base.")}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state_dict().keys()
+        if state.keys() != expected:
+            raise ValueError(f"TaskLoRA state does not match: missing {sorted(expected - state.keys())[:3]}, "
+                             f"unexpected {sorted(state.keys() - expected)[:3]}")
         for name, layer in self.layers.items():
             own = {k[len(name) + 1:]: v for k, v in state.items() if k.startswith(name + ".")}
-            layer.load_state_dict(own, strict=False)
+            layer.load_state_dict(own, strict=False)  # the frozen base's weights are not in `state`
 
     def remove(self) -> nn.Module:
         """Put the base Linears back; the model is the untouched frozen base again."""
