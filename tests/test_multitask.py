@@ -3,6 +3,7 @@ weighting, sequential stages, per-task monitoring and bad input."""
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -120,7 +121,21 @@ def test_shared_training_publishes_one_exported_adapter_per_task(shared_run):
         assert {"base", "adapter"} <= record.metrics.keys()
     results = json.loads((folder / "run" / "results.json").read_text())
     assert results["mode"] == "shared" and set(results["tasks"]) == {"yesno", "echo"}
-    assert "base (zero-shot)" in output and "yesno" in output
+    assert "base (zero-shot)" in output and "shared adapter" in output
+
+
+def test_the_final_table_compares_with_per_task_adapters_in_the_registry(trained, tmp_path):
+    import shutil
+
+    spec, options, sequential = trained
+    shutil.copytree(options.registry, tmp_path / "reg")
+    spec = spec.model_copy(deep=True)
+    spec.training.max_steps = 2
+    results = train_multitask(spec, RunOptions(output=tmp_path / "run", registry=tmp_path / "reg"), shared=True)
+    assert [r.separate for r in results] == [r.adapter for r in sequential]
+    assert [r.version for r in results] == [2, 2]  # published after the per-task adapters
+    table = json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]
+    assert table["yesno"]["separate"] == sequential[0].adapter
 
 
 def test_shared_training_logs_per_task_curves_counts_mixing_and_weights(shared_run):
@@ -237,3 +252,24 @@ def test_shared_bad_input_fails_at_start_and_leaves_the_registry_alone(shared_ru
     assert result.exit_code == 2 and "multitask.sequential.order: unknown tasks ['nope']" in result.output
     assert "Traceback" not in result.output
     assert sorted(p.relative_to(registry) for p in registry.rglob("*")) == before
+
+
+@pytest.mark.parametrize("order_by", ["size", "base_loss"])
+def test_curriculum_orders_stages_by_size_or_by_zero_shot_loss(tiny_base, tmp_path, caplog, order_by):
+    spec = load_spec(_spec_with(tmp_path, tiny_base, {
+        "schedule": "sequential", "sequential": {"order_by": order_by, "stage_steps": 2, "rounds": 2}},
+        eval_every=None))
+    spec.tasks[0].limits.train_examples = 10  # yesno smaller than echo's 36
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
+    with caplog.at_level("INFO", logger="mtft.train.multitask"):
+        train_multitask(spec, options, shared=True)
+    rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    stage_tasks = [next(iter(r["tasks"])) for r in rows[::2]]
+    if order_by == "size":
+        expected = ["echo", "yesno"]
+    else:
+        line = next(r.getMessage() for r in caplog.records if "curriculum by base loss" in r.getMessage())
+        losses = ast.literal_eval(line.split("first): ", 1)[1])  # the logged {task: loss}
+        expected = sorted(losses, key=losses.__getitem__)
+        assert set(expected) == {"yesno", "echo"} and losses[expected[0]] < losses[expected[1]]
+    assert stage_tasks == expected * 2  # two rounds: task rotation

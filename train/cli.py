@@ -65,7 +65,8 @@ def adapters(
 ) -> None:
     """Train one LoRA adapter per task and publish each into the registry."""
     _run(config, task, registry, output or Path("runs") / config.stem, resume, check, threads,
-         lambda spec, options: train_multitask(spec, options, shared=False) if one_pass else train_adapters(spec, options))
+         lambda spec, options: train_multitask(spec, options, shared=False) if one_pass else train_adapters(spec, options),
+         "adapter")
 
 
 @app.command()
@@ -80,10 +81,10 @@ def shared(
 ) -> None:
     """Train one shared adapter conditioned on task embeddings; publish each task's export."""
     _run(config, task, registry, output or Path("runs") / f"{config.stem}-shared", resume, check, threads,
-         lambda spec, options: train_multitask(spec, options, shared=True))
+         lambda spec, options: train_multitask(spec, options, shared=True), "shared adapter")
 
 
-def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer) -> None:
+def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer, label: str) -> None:
     _logging()
     try:
         spec = load_spec(config)
@@ -97,14 +98,14 @@ def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, 
         results = trainer(spec, options)
     except (SpecError, RegistryError, BaseModelError) as exc:
         _fail(exc)
-    typer.echo(format_results(results))
+    typer.echo(format_results(results, label))
     typer.echo(f"\nadapters published to {options.registry}; curves in {options.output / 'curves.png'}")
 
 
-def format_results(results: list[TaskResult]) -> str:
+def format_results(results: list[TaskResult], label: str = "adapter") -> str:
     """The final table; shared runs add the per-task adapters' scores where the registry has them."""
     compare = any(r.separate is not None for r in results)
-    head = ("task", "metric", "base (zero-shot)") + (("per-task adapter",) if compare else ()) + ("adapter", "gain", "version")
+    head = ("task", "metric", "base (zero-shot)") + (("per-task adapter",) if compare else ()) + (label, "gain", "version")
     rows = [head]
     for r in results:
         separate = (f"{r.separate:.3f}" if r.separate is not None else "-",) if compare else ()
