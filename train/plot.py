@@ -68,6 +68,7 @@ def plot_joint(metrics: Path, out: Path, metric_names: dict[str, str], stage_end
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     eval_ax.set_ylim(0, 1.02)
+    loss_ax.set_yscale("log")  # losses fall by orders of magnitude; a linear axis hides the later curves
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
