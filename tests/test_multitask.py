@@ -244,9 +244,13 @@ def test_shared_bad_input_fails_at_start_and_leaves_the_registry_alone(shared_ru
     (tmp_path / "echo.jsonl").write_text("")  # a shared-mode task without data
     result = cli("shared", "--config", str(spec_path), "--registry", str(registry), "--output", str(tmp_path / "o"))
     assert result.exit_code == 2 and "task 'echo': the train split is empty; add examples" in result.output
-    result = cli("shared", "--config", str(spec_path), "--task", "yesno", "--registry", str(registry),
-                 "--output", str(tmp_path / "o"))
-    assert result.exit_code == 2 and "mtft-train shared needs at least two tasks" in result.output
+    for check in ([], ["--check"]):
+        result = cli("shared", "--config", str(spec_path), "--task", "yesno", "--registry", str(registry),
+                     "--output", str(tmp_path / "o"), *check)
+        assert result.exit_code == 2 and "mtft-train shared needs at least two tasks" in result.output
+    partial = _spec_with(tmp_path, tiny_base, {"schedule": "sequential", "sequential": {"order": ["yesno"]}})
+    result = cli("shared", "--config", str(partial), "--check", "--registry", str(registry))
+    assert result.exit_code == 2 and "tasks ['echo'] are selected but not in the order ['yesno']" in result.output
     bad = _spec_with(tmp_path, tiny_base, {"schedule": "sequential", "sequential": {"order": ["yesno", "nope"]}})
     result = cli("shared", "--config", str(bad), "--registry", str(registry), "--output", str(tmp_path / "o"))
     assert result.exit_code == 2 and "multitask.sequential.order: unknown tasks ['nope']" in result.output

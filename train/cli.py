@@ -14,7 +14,7 @@ import typer
 from mtft.registry import Registry, RegistryError
 
 from .base import BaseModelError, mtft_home, resolve_base
-from .multitask import train_multitask
+from .multitask import check_multitask, train_multitask
 from .run import RunOptions, TaskResult, prepare, train_adapters
 from .spec import SpecError, load_spec
 
@@ -66,7 +66,7 @@ def adapters(
     """Train one LoRA adapter per task and publish each into the registry."""
     _run(config, task, registry, output or Path("runs") / config.stem, resume, check, threads,
          lambda spec, options: train_multitask(spec, options, shared=False) if one_pass else train_adapters(spec, options),
-         "adapter")
+         "adapter", prepare)
 
 
 @app.command()
@@ -81,10 +81,12 @@ def shared(
 ) -> None:
     """Train one shared adapter conditioned on task embeddings; publish each task's export."""
     _run(config, task, registry, output or Path("runs") / f"{config.stem}-shared", resume, check, threads,
-         lambda spec, options: train_multitask(spec, options, shared=True), "shared adapter")
+         lambda spec, options: train_multitask(spec, options, shared=True), "shared adapter",
+         lambda spec, options: check_multitask(spec, options, shared=True))
 
 
-def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer, label: str) -> None:
+def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer, label: str,
+         checker) -> None:
     _logging()
     try:
         spec = load_spec(config)
@@ -92,7 +94,7 @@ def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, 
             spec.training.threads = threads
         options = RunOptions(output=output, registry=_registry_path(registry), tasks=task, resume=resume)
         if check:
-            prepare(spec, options)
+            checker(spec, options)
             typer.echo(f"{config}: OK ({len(options.tasks or spec.tasks)} tasks)")
             return
         results = trainer(spec, options)

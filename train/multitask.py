@@ -46,10 +46,7 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
     """Train every selected task in one run: one shared adapter, or one adapter each (one pass)."""
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-    ready = prepare(spec, options)
-    if shared and len(ready.tasks) < 2:
-        raise SpecError(str(spec.source), ["mtft-train shared needs at least two tasks; "
-                                           "use mtft-train adapters for a single task"])
+    ready = check_multitask(spec, options, shared)
     tasks, tokenizer, data = ready.tasks, ready.tokenizer, ready.data
     names = [t.name for t in tasks]
     trained_by = "mtft-train shared" if shared else "mtft-train adapters --one-pass"
@@ -135,6 +132,24 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
     return results
 
 
+def check_multitask(spec: Spec, options: RunOptions, shared: bool) -> Prepared:
+    """`prepare` plus what only a multi-task run needs; every problem before any training."""
+    ready = prepare(spec, options)
+    names = [t.name for t in ready.tasks]
+    problems = []
+    if shared and len(names) < 2:
+        problems.append("mtft-train shared needs at least two tasks; use mtft-train adapters for a single task")
+    order = spec.multitask.sequential.order
+    if shared and spec.multitask.schedule == "sequential" and order is not None:
+        missing = [n for n in names if n not in order]
+        if missing:
+            problems.append(f"multitask.sequential.order: tasks {missing} are selected but not in the order "
+                            f"{order}; add them or leave them out with --task")
+    if problems:
+        raise SpecError(str(spec.source), problems)
+    return ready
+
+
 def plan_stages(spec: Spec, ready: Prepared, items, model, lora: TaskLoRA, pad: int) -> list[Stage]:
     """One stage (joint), or one per task and round (sequential) with replay of earlier tasks."""
     m = spec.multitask
@@ -146,10 +161,6 @@ def plan_stages(spec: Spec, ready: Prepared, items, model, lora: TaskLoRA, pad: 
         return [Stage(total)]
     seq = m.sequential
     order = [n for n in seq.order if n in sizes] if seq.order else _order_by(seq.order_by, items, model, lora, pad)
-    missing = [n for n in sizes if n not in order]
-    if missing:
-        raise SpecError(str(spec.source), [f"multitask.sequential.order: tasks {missing} are selected but not in "
-                                           f"the order {order}; add them or leave them out with --task"])
     count = len(order) * seq.rounds
     per_stage = seq.stage_steps or max(1, total // count)
     stages, trained = [], []
