@@ -128,12 +128,13 @@ def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        allowed_tasks(request)
+        allowed = allowed_tasks(request)  # a key limited to some tasks sees only those
         table = request.app.state.live.table
         data = [{"id": BASE, "object": "model", "owned_by": "mtft", "root": config.base_name,
                  "adapter": table.base_target}]
         data += [{"id": r.task, "object": "model", "owned_by": "mtft", "parent": BASE, "adapter": r.name,
-                  "version": r.version, "prefix": r.prefix} for r in table.current.values()]
+                  "version": r.version, "prefix": r.prefix} for r in table.current.values()
+                 if allowed is None or r.task in allowed]
         return {"object": "list", "data": data}
 
     @app.get("/health")

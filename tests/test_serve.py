@@ -172,6 +172,7 @@ def test_bad_keys_are_refused(stack):
     assert complete(client(stack.limited_key), "yesno: hello")
     with pytest.raises(openai.PermissionDeniedError):
         complete(client(stack.limited_key), "echo: hello")
+    assert {m.id for m in client(stack.limited_key).models.list().data} == {"base", "yesno"}
     assert stack.admin("GET").status_code == 200
     assert httpx.get(stack.url + "/admin/adapters", headers={"Authorization": f"Bearer {stack.api_key}"}).status_code == 401
 
