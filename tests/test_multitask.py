@@ -18,18 +18,17 @@ from mtft.train.mixing import chi_square_p
 from mtft.train.multitask import train_multitask
 from mtft.train.run import RunOptions
 from mtft.train.spec import SpecError, load_spec
-from mtft.train.tasklora import TaskLoRA
+from mtft.train.tasklora import TaskLoRA, peft_init
 
 from conftest import tiny_spec
 from test_train import adapter_weights, cli, kill_after_rows
 
 
 def _lora_init(model, rank=8, modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import LoraConfig
 
     config = LoraConfig(r=rank, lora_alpha=16, target_modules=list(modules), task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    return config, get_peft_model_state_dict(peft_model), peft_model.unload()
+    return (config, *peft_init(model, config))
 
 
 @pytest.mark.parametrize("up_projections", [1, 3])

@@ -117,16 +117,16 @@ def train(lora: TaskLoRA, job: JointJob, resume: bool, device, on_eval: Evaluato
     else:
         metrics_path.unlink(missing_ok=True)
 
-    streams = {name: micro_batches(items, t.batch_size, t.seed, t.batching == "length")
-               for name, items in job.items.items()}
-    if not shared:
-        for name, stream in streams.items():
-            for _ in range(min(start, totals[name]) * t.grad_accum):
-                next(stream)
+    # Lockstep: each task's own batch stream, exactly as its run alone would read it.
+    streams = {} if shared else {name: micro_batches(items, t.batch_size, t.seed, t.batching == "length")
+                                 for name, items in job.items.items()}
+    for name, stream in streams.items():
+        for _ in range(min(start, totals[name]) * t.grad_accum):
+            next(stream)
 
     lora.model.train()
     bar = tqdm(total=plan_total, initial=start, desc="multi-task", unit="step", dynamic_ncols=True)
-    ends = _stage_ends(job.stages) if shared else []
+    ends = stage_ends(job.stages) if shared else []
     for step in range(start, plan_total):
         began = time.perf_counter()
         stage_index = next((i for i, end in enumerate(ends) if step < end), 0)
@@ -187,7 +187,8 @@ def train(lora: TaskLoRA, job: JointJob, resume: bool, device, on_eval: Evaluato
     return history
 
 
-def _stage_ends(stages: list[Stage]) -> list[int]:
+def stage_ends(stages: list[Stage]) -> list[int]:
+    """The step each stage ends at (cumulative)."""
     ends, total = [], 0
     for stage in stages:
         total += stage.steps

@@ -9,8 +9,6 @@ counts, mixing and loss weights), `curves.png`, `results.json`, the sequential s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 
 import torch
@@ -28,6 +26,7 @@ from .run import (
     RunOptions,
     TaskResult,
     TaskState,
+    config_hash,
     end_ids,
     open_run,
     pad_id,
@@ -37,14 +36,14 @@ from .run import (
     write_results,
 )
 from .spec import Spec, SpecError, TaskSpec
-from .tasklora import TaskLoRA
+from .tasklora import TaskLoRA, peft_init
 
 log = logging.getLogger(__name__)
 
 
 def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskResult]:
     """Train every selected task in one run: one shared adapter, or one adapter each (one pass)."""
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import LoraConfig
 
     ready = check_multitask(spec, options, shared)
     tasks, tokenizer, data = ready.tasks, ready.tokenizer, ready.data
@@ -54,11 +53,14 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
     registry, base_ref, state, state_path, accelerator, model = (
         run.registry, run.base_ref, run.state, run.state_path, run.accelerator, run.model)
     ends = {t.name: end_ids(tokenizer, t.template) for t in tasks}
-    config_hash = _config_hash(spec, tasks, base_ref.fingerprint, shared)
-    if state.config_hash not in (None, config_hash):
+    # eval_every shapes a run here: dynamic mixing can follow the evaluations.
+    run_hash = config_hash(spec, base_ref.fingerprint, mode="shared" if shared else "one-pass",
+                           tasks=[t.model_dump(mode="json") for t in tasks],
+                           multitask=spec.multitask.model_dump(mode="json"))
+    if state.config_hash not in (None, run_hash):
         raise SpecError(str(state_path), ["this run was made with a different spec, task selection or base model; "
                                           "rerun without --resume to start over, or restore the spec it was made with"])
-    state.config_hash = config_hash
+    state.config_hash = run_hash
     state.save(state_path)
 
     def score(m, task: TaskSpec) -> float:
@@ -82,9 +84,7 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
     lora_config = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=spec.lora.dropout,
                              target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
     torch.manual_seed(spec.training.seed)  # the initial LoRA `mtft-train adapters` starts every task from
-    peft_model = get_peft_model(model, lora_config)
-    init = get_peft_model_state_dict(peft_model)
-    model = peft_model.unload()
+    init, model = peft_init(model, lora_config)
     embedding = spec.multitask.task_embedding
     lora = TaskLoRA(model, names, init, spec.lora.rank, spec.lora.alpha, spec.lora.dropout, shared,
                     embedding.up_projections, embedding.mix_temperature)
@@ -96,9 +96,9 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
                 scores[name] = score(model, spec.task(name))
         return scores
 
-    stages = plan_stages(spec, ready, items, model, lora, pad_id(tokenizer, ends[names[0]])) if shared else []
-    job = JointJob(items, spec.training, spec.multitask, options.output, config_hash,
-                   pad_id(tokenizer, ends[names[0]]), stages)
+    pad = pad_id(tokenizer, ends[names[0]])  # padding is masked, so any task's pad id serves
+    stages = plan_stages(spec, items, model, lora, pad) if shared else []
+    job = JointJob(items, spec.training, spec.multitask, options.output, run_hash, pad, stages)
     history = joint.train(lora, job, options.resume and any(s.version is None for s in state.tasks.values()),
                           accelerator.device, on_eval)
     if history:
@@ -118,7 +118,8 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
             model = save_adapter(model, lora_config, exported[name], adapter_dir, ready.base_dir)
             final[name].version = publish(registry, adapter_dir, task, ready, spec, base_ref, final[name], trained_by)
             state.save(state_path)
-    steps = joint.lockstep_steps(job) if not shared else {n: sum(s.steps for s in stages) for n in names}
+    ends_of_stages = joint.stage_ends(stages)
+    steps = joint.lockstep_steps(job) if not shared else {n: ends_of_stages[-1] for n in names}
     for name in pending:
         for model_name, value, step in (("base", final[name].base_score, 0), ("adapter", final[name].adapter_score, steps[name])):
             append_metrics(options.output / "metrics.jsonl", {"step": step, "eval": {name: value}, "model": model_name})
@@ -127,7 +128,7 @@ def train_multitask(spec: Spec, options: RunOptions, shared: bool) -> list[TaskR
         results.append(TaskResult(name, task.metric, final[name].base_score, final[name].adapter_score,
                                   final[name].version, per_task_adapter(registry, name, base_ref) if shared else None))
     plot_joint(options.output / "metrics.jsonl", options.output / "curves.png", {t.name: t.metric for t in tasks},
-               [sum(s.steps for s in stages[: i + 1]) for i in range(len(stages) - 1)])
+               ends_of_stages[:-1])
     write_results(options.output, "shared" if shared else "one-pass", results)
     return results
 
@@ -150,7 +151,7 @@ def check_multitask(spec: Spec, options: RunOptions, shared: bool) -> Prepared:
     return ready
 
 
-def plan_stages(spec: Spec, ready: Prepared, items, model, lora: TaskLoRA, pad: int) -> list[Stage]:
+def plan_stages(spec: Spec, items, model, lora: TaskLoRA, pad: int) -> list[Stage]:
     """One stage (joint), or one per task and round (sequential) with replay of earlier tasks."""
     m = spec.multitask
     sizes = {n: len(v) for n, v in items.items()}
@@ -222,15 +223,3 @@ def per_task_adapter(registry: Registry, task: str, base: BaseModelRef) -> float
                 and record.base_model.fingerprint == base.fingerprint):
             return record.metrics.get("adapter")
     return None
-
-
-def _config_hash(spec: Spec, tasks: list[TaskSpec], base_fingerprint: str, shared: bool) -> str:
-    shaping = {
-        "mode": "shared" if shared else "one-pass",
-        "tasks": [t.model_dump(mode="json") for t in tasks],
-        "lora": spec.lora.model_dump(mode="json"),
-        "multitask": spec.multitask.model_dump(mode="json"),
-        "training": spec.training.model_dump(mode="json", exclude={"checkpoint_every", "threads", "eval_batch_size"}),
-        "base": base_fingerprint,
-    }
-    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()

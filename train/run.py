@@ -113,7 +113,9 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
                 log.warning("%s: %d examples longer than max_length=%d lost the start of their prompt",
                             task.name, truncated, spec.training.max_length)
             job = loop.Job(task.name, items, spec.training, task_dir,
-                           _config_hash(spec, task, base_ref.fingerprint), pad_id(tokenizer, ends))
+                           config_hash(spec, base_ref.fingerprint, NOT_SHAPING | {"eval_every"},
+                                       task=task.model_dump(mode="json")),
+                           pad_id(tokenizer, ends))
             trainable = [p for p in peft_model.parameters() if p.requires_grad]
             loop.train(peft_model, trainable, job, accelerator, options.resume,
                        on_eval=lambda step: run_eval(peft_model))
@@ -260,11 +262,15 @@ def pad_id(tokenizer, end_ids: list[int]) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
 
 
-def _config_hash(spec: Spec, task: TaskSpec, base_fingerprint: str) -> str:
+NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size"}  # settings that change nothing learnt
+
+
+def config_hash(spec: Spec, base_fingerprint: str, not_shaping: set[str] = NOT_SHAPING, **parts) -> str:
+    """Hash of everything that shapes a run's result (`parts`: its tasks and mode); resume refuses a mismatch."""
     shaping = {
-        "task": task.model_dump(mode="json"),
+        **parts,
         "lora": spec.lora.model_dump(mode="json"),
-        "training": spec.training.model_dump(mode="json", exclude={"eval_every", "checkpoint_every", "threads", "eval_batch_size"}),
+        "training": spec.training.model_dump(mode="json", exclude=not_shaping),
         "base": base_fingerprint,
     }
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()

@@ -25,6 +25,18 @@ from torch import nn
 PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict keys: PEFT_PREFIX + module + ".lora_A.weight"
 
 
+def peft_init(model: nn.Module, lora_config) -> tuple[dict[str, torch.Tensor], nn.Module]:
+    """PEFT's own initial LoRA for `model` (seed first), and the model back unwrapped.
+
+    Starting from PEFT's init, not a copy of its logic, keeps our layers equal to
+    `mtft-train adapters` at step 0 whatever PEFT version is installed.
+    """
+    from peft import get_peft_model, get_peft_model_state_dict
+
+    peft_model = get_peft_model(model, lora_config)
+    return get_peft_model_state_dict(peft_model), peft_model.unload()
+
+
 class _Rows:
     """Which task each run of batch rows belongs to; one object shared by every layer."""
 
