@@ -6,7 +6,7 @@ renders prompts with the record's template.
 """
 
 from .check import confinement_problems, servable_problems
-from .record import ADAPTER_FILES, RECORD_FILE, AdapterRecord, BaseModelRef, checksum, fingerprint
+from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, BaseModelRef, checksum, fingerprint
 from .servable import (
     SERVABLE_MODULES,
     SERVABLE_RANKS,
@@ -22,6 +22,7 @@ __all__ = [
     "RECORD_FILE",
     "SERVABLE_MODULES",
     "SERVABLE_RANKS",
+    "TASK_NAME",
     "AdapterRecord",
     "BaseModelRef",
     "PromptTemplate",

@@ -2,7 +2,9 @@
 
 Layout: `<root>/<task>/v<N>/{adapter_config.json, adapter_model.safetensors, mtft.json}`.
 A version folder appears whole or not at all (written under `<root>/.staging`,
-then renamed), and is never rewritten: a retrain becomes `v<N+1>`.
+then renamed), and is never rewritten: a retrain becomes `v<N+1>`. Only this
+class knows the layout: serving and routing ask it for tasks, versions, the
+(task, version) a path names, and whether anything changed (`signature`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -18,11 +21,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from .record import ADAPTER_FILES, RECORD_FILE, AdapterRecord, checksum
+from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, checksum
 from .servable import adapter_config_problems
 
 log = logging.getLogger(__name__)
 STAGING = ".staging"
+VERSION_DIR = re.compile(r"v([0-9]+)")
 
 
 class RegistryError(Exception):
@@ -48,12 +52,49 @@ class Registry:
     def version_dir(self, task: str, version: int) -> Path:
         return self.root / task / f"v{version}"
 
+    def tasks(self) -> list[str]:
+        """Every task folder, sorted; `.staging`, stray files and names no task may have are not tasks.
+
+        A symlinked task folder counts: serving refuses it later, with the reason, if it leads out.
+        """
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if TASK_NAME.match(p.name) and p.is_dir())
+
     def versions(self, task: str) -> list[int]:
         task_dir = self.root / task
         if not task_dir.is_dir():
             return []
-        found = [p.name[1:] for p in task_dir.iterdir() if p.name.startswith("v")]
-        return sorted(int(v) for v in found if v.isdigit())
+        found = (_version_number(p.name) for p in task_dir.iterdir())
+        return sorted(v for v in found if v is not None)
+
+    def newest_version(self, task: str) -> int | None:
+        return max(self.versions(task), default=None)
+
+    def locate(self, path: str | Path) -> tuple[str, int]:
+        """The (task, version) that `<task>/v<N>`, relative to the root, names; it must resolve inside it.
+
+        Only the layout is checked here (`..`, absolute paths and symlinks out are refused);
+        whether the task and version exist, and may be served, is for the caller to ask.
+        """
+        root = self.root.resolve()
+        folder = (self.root / path).resolve()
+        version = _version_number(folder.name)
+        if not folder.is_relative_to(root) or folder.parent.parent != root or version is None:
+            raise RegistryError(f"path {str(path)!r} resolves to {folder}, not <registry>/<task>/v<N> inside {root}")
+        return folder.parent.name, version
+
+    def signature(self) -> tuple:
+        """Changes when a version is published or a task folder comes or goes: a few stat calls, no reads.
+
+        The mtime of the root and of every entry in it: publishing renames a version folder
+        into its task folder (or creates the task folder), which touches one of them.
+        """
+        try:
+            entries = [(e.name, e.stat().st_mtime_ns) for e in os.scandir(self.root)]
+            return (self.root.stat().st_mtime_ns, tuple(sorted(entries)))
+        except OSError:
+            return ()
 
     def publish(self, adapter_dir: Path, record: AdapterRecord) -> AdapterRecord:
         """Copy a trained PEFT adapter in as the task's next version; return its final record."""
@@ -72,7 +113,7 @@ class Registry:
             for name in ADAPTER_FILES:
                 shutil.copyfile(adapter_dir / name, staging / name)
             while True:
-                version = max(self.versions(record.task), default=0) + 1
+                version = (self.newest_version(record.task) or 0) + 1
                 final = record.model_copy(
                     update={
                         "version": version,
@@ -106,10 +147,10 @@ class Registry:
     def latest(self) -> dict[str, AdapterRecord]:
         """The newest readable version of every task."""
         found = {}
-        for task_dir in sorted(self._task_dirs()):
-            for version in reversed(self.versions(task_dir.name)):
+        for task in self.tasks():
+            for version in reversed(self.versions(task)):
                 try:
-                    found[task_dir.name] = self.read(task_dir.name, version)
+                    found[task] = self.read(task, version)
                     break
                 except RegistryError as exc:
                     log.warning("skipping %s", exc)
@@ -118,18 +159,19 @@ class Registry:
     def records(self) -> list[AdapterRecord]:
         """Every readable version of every task, oldest first."""
         out = []
-        for task_dir in sorted(self._task_dirs()):
-            for version in self.versions(task_dir.name):
+        for task in self.tasks():
+            for version in self.versions(task):
                 try:
-                    out.append(self.read(task_dir.name, version))
+                    out.append(self.read(task, version))
                 except RegistryError as exc:
                     log.warning("skipping %s", exc)
         return out
 
-    def _task_dirs(self) -> list[Path]:
-        if not self.root.is_dir():
-            return []
-        return [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+def _version_number(name: str) -> int | None:
+    """`v<N>` -> N; anything else in a task folder is not a version."""
+    match = VERSION_DIR.fullmatch(name)
+    return int(match.group(1)) if match else None
 
 
 def _write_synced(path: Path, text: str) -> None:

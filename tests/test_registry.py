@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +94,61 @@ def test_a_damaged_record_is_skipped_not_served(tmp_path, adapter_dir):
     registry.publish(adapter_dir, record())
     (registry.version_dir("yesno", 2) / "mtft.json").write_text("{not json")
     assert registry.latest()["yesno"].version == 1
+
+
+def test_tasks_and_versions_are_only_what_the_layout_names(tmp_path, adapter_dir):
+    registry = Registry(tmp_path / "reg")
+    assert (registry.tasks(), registry.newest_version("yesno"), registry.signature()) == ([], None, ())
+    registry.publish(adapter_dir, record("yesno"))
+    for stray in ("Not-A-Task", "yesno/draft", "yesno/v2x", "yesno/x3", "yesno/v²"):
+        (registry.root / stray).mkdir()
+    (registry.root / "notes.txt").write_text("")
+    assert registry.tasks() == ["yesno"]  # not .staging, a file, or a name no task may have
+    assert (registry.versions("yesno"), registry.newest_version("yesno")) == ([1], 1)
+
+
+def test_the_signature_changes_with_every_publish(tmp_path, adapter_dir):
+    registry = Registry(tmp_path / "reg")
+    registry.publish(adapter_dir, record("yesno"))
+    first = registry.signature()
+    assert registry.signature() == first
+    registry.publish(adapter_dir, record("echo"))  # a new task folder
+    second = registry.signature()
+    time.sleep(0.05)  # mtimes come from the kernel's coarse clock (a few ms)
+    registry.publish(adapter_dir, record("yesno"))  # a new version inside a task folder
+    assert len({first, second, registry.signature()}) == 3
+
+
+@pytest.fixture
+def layout(tmp_path) -> Registry:
+    registry = Registry(tmp_path / "reg")
+    (registry.root / "yesno" / "v1").mkdir(parents=True)
+    (tmp_path / "outside" / "v1").mkdir(parents=True)
+    (registry.root / "link").symlink_to(tmp_path / "outside")
+    return registry
+
+
+@pytest.mark.parametrize(("path", "expected"), [
+    ("yesno/v1", ("yesno", 1)),
+    ("yesno/v12", ("yesno", 12)),  # the layout only: whether it exists is the caller's question
+    ("./yesno/../yesno/v1", ("yesno", 1)),
+])
+def test_locate_names_the_task_and_version_of_a_path(layout, path, expected):
+    assert layout.locate(path) == expected
+    assert layout.locate(layout.root.resolve() / path) == expected  # absolute, inside the registry
+
+
+@pytest.mark.parametrize("path", [
+    "../elsewhere/v1",  # outside
+    "/etc/v1",  # absolute, outside
+    "yesno/../../x/v1",  # `..` out
+    "link/v1",  # a symlink out
+    "yesno",  # a task, not a version
+    "yesno/latest",  # not v<N>
+    "yesno/x1",
+    "yesno/v1/mtft.json",  # inside a version
+    ".",
+])
+def test_locate_refuses_paths_that_are_not_a_version_folder_inside_the_registry(layout, path):
+    with pytest.raises(RegistryError, match=rf"path '{re.escape(path)}' resolves to .*, not <registry>/<task>/v<N> inside "):
+        layout.locate(path)
