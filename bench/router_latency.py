@@ -64,8 +64,7 @@ def first_answer(client: httpx.Client, url: str, task: str, started: float, time
 
 def tiny_registry(folder: Path) -> Path:
     """The test suite's tiny base and its two tiny tasks (tests/conftest.py), trained and published."""
-    from mtft.train.run import RunOptions, train_adapters
-    from mtft.train.spec import load_spec
+    from mtft.train import RunOptions, load_spec, train_adapters
 
     spec = importlib.util.spec_from_file_location("mtft_tests_conftest", Path(__file__).parents[1] / "tests" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)

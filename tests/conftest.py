@@ -136,8 +136,7 @@ def tiny_spec(folder: Path, base: Path, **training) -> Path:
 @pytest.fixture(scope="session")
 def trained(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory):
     """Both tiny tasks trained once per session: (spec, options, results)."""
-    from mtft.train.run import RunOptions, train_adapters
-    from mtft.train.spec import load_spec
+    from mtft.train import RunOptions, load_spec, train_adapters
 
     folder = tmp_path_factory.mktemp("trained")
     spec = load_spec(tiny_spec(folder, tiny_base))

@@ -15,9 +15,7 @@ import yaml
 
 from mtft.registry import Registry
 from mtft.train.mixing import chi_square_p
-from mtft.train.multitask import train_multitask
-from mtft.train.run import RunOptions
-from mtft.train.spec import SpecError, load_spec
+from mtft.train import RunOptions, SpecError, load_spec, train_one_pass, train_shared
 from mtft.train.tasklora import TaskLoRA, peft_init
 
 from conftest import tiny_spec
@@ -88,7 +86,7 @@ def test_one_pass_adapters_equal_the_adapters_trained_alone(trained, tmp_path):
     """`adapters --one-pass` mixes every task in each batch, yet each adapter equals the sequential one."""
     spec, options, sequential = trained
     one_pass = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
-    results = train_multitask(spec, one_pass, shared=False)
+    results = train_one_pass(spec, one_pass)
     assert [r.task for r in results] == [r.task for r in sequential]
     for result in results:
         alone, joint = adapter_weights(options.registry, result.task), adapter_weights(one_pass.registry, result.task)
@@ -130,7 +128,7 @@ def test_the_final_table_compares_with_per_task_adapters_in_the_registry(trained
     shutil.copytree(options.registry, tmp_path / "reg")
     spec = spec.model_copy(deep=True)
     spec.training.max_steps = 2
-    results = train_multitask(spec, RunOptions(output=tmp_path / "run", registry=tmp_path / "reg"), shared=True)
+    results = train_shared(spec, RunOptions(output=tmp_path / "run", registry=tmp_path / "reg"))
     assert [r.separate for r in results] == [r.adapter for r in sequential]
     assert [r.version for r in results] == [2, 2]  # published after the per-task adapters
     table = json.loads((tmp_path / "run" / "results.json").read_text())["tasks"]
@@ -160,7 +158,7 @@ def test_proportional_mixing_in_training_matches_the_task_sizes(tiny_base, tmp_p
     spec = load_spec(spec_path)
     spec.tasks[1].limits.train_examples = 12  # echo: 12 train examples vs yesno's 36
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
-    train_multitask(spec, options, shared=True)
+    train_shared(spec, options)
     rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     seen = rows[-1]["seen"]
     assert rows[-1]["mix"] == pytest.approx({"yesno": 0.75, "echo": 0.25})
@@ -180,7 +178,7 @@ def test_uncertainty_weighting_learns_and_logs_a_weight_per_task(tiny_base, tmp_
     spec = load_spec(_spec_with(tmp_path, tiny_base, {"loss": {"weighting": "uncertainty", "averaging": "example"}},
                                 eval_every=None, learning_rate=5e-2))
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
-    train_multitask(spec, options, shared=True)
+    train_shared(spec, options)
     rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     first, last = rows[0]["loss_weights"], rows[-1]["loss_weights"]
     assert first == pytest.approx({"yesno": 1.0, "echo": 1.0}, abs=0.1)
@@ -193,7 +191,7 @@ def test_sequential_stages_train_one_task_each_and_write_a_forgetting_table(tiny
         "schedule": "sequential", "sequential": {"order": ["echo", "yesno"], "replay": 0.25, "stage_steps": 6}},
         eval_every=None))
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
-    train_multitask(spec, options, shared=True)
+    train_shared(spec, options)
     rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["stage"] for r in rows] == [0] * 6 + [1] * 6
     assert all(r["mix"] == {"echo": 1.0} and set(r["tasks"]) == {"echo"} for r in rows[:6])
@@ -215,12 +213,12 @@ def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
     kill_after_rows(command, metrics, rows=20, total=200)
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "resuming the multi-task run at step" in result.stderr
+    assert "shared: resuming at step" in result.stderr
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in rows] == list(range(1, 201))
 
     reference = RunOptions(output=tmp_path / "ref", registry=tmp_path / "ref-reg")
-    train_multitask(load_spec(spec_path), reference, shared=True)
+    train_shared(load_spec(spec_path), reference)
     ref_rows = [json.loads(x) for x in (reference.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["seen"] for r in rows] == [r["seen"] for r in ref_rows]  # the same mixed batches
     assert len({json.dumps(r["mix"]) for r in rows}) > 1, "dynamic mixing never re-weighted"
@@ -231,8 +229,7 @@ def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
     changed = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "uniform"}}, max_steps=100,
                          checkpoint_every=1, eval_every=None)
     with pytest.raises(SpecError, match="different spec"):
-        train_multitask(load_spec(changed), RunOptions(output=tmp_path / "ref", registry=tmp_path / "x", resume=True),
-                        shared=True)
+        train_shared(load_spec(changed), RunOptions(output=tmp_path / "ref", registry=tmp_path / "x", resume=True))
 
 
 def test_shared_bad_input_fails_at_start_and_leaves_the_registry_alone(shared_run, tmp_path, tiny_base):
@@ -264,8 +261,8 @@ def test_curriculum_orders_stages_by_size_or_by_zero_shot_loss(tiny_base, tmp_pa
         eval_every=None))
     spec.tasks[0].limits.train_examples = 10  # yesno smaller than echo's 36
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
-    with caplog.at_level("INFO", logger="mtft.train.multitask"):
-        train_multitask(spec, options, shared=True)
+    with caplog.at_level("INFO", logger="mtft.train.shared"):
+        train_shared(spec, options)
     rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     stage_tasks = [next(iter(r["tasks"])) for r in rows[::2]]
     if order_by == "size":

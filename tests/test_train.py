@@ -18,8 +18,7 @@ from mtft.registry import Registry
 from mtft.train.batches import IGNORE, tokenize
 from mtft.train.cli import app
 from mtft.train.data import Example
-from mtft.train.run import RunOptions, train_adapters
-from mtft.train.spec import load_spec
+from mtft.train import RunOptions, load_spec, train_adapters
 
 from conftest import tiny_spec
 
@@ -50,7 +49,7 @@ def test_training_publishes_one_evaluated_adapter_per_task(trained):
         assert record.base_model.fingerprint.startswith("sha256:")
         assert record.template.model_copy(update={"chat_template": None}) == spec.task(result.task).template
         assert (record.template.chat_template is not None) == (record.template.format == "chat")
-        rows = [json.loads(x) for x in (options.output / result.task / "metrics.jsonl").read_text().splitlines()]
+        rows = [r for r in run_log(options.output) if r.get("task") == result.task]
         losses = [r["loss"] for r in rows if "loss" in r]
         assert len(losses) == spec.training.max_steps
         assert sum(losses[-3:]) < sum(losses[:3]), "loss did not go down"
@@ -58,6 +57,10 @@ def test_training_publishes_one_evaluated_adapter_per_task(trained):
         config = json.loads((Registry(options.registry).version_dir(result.task, 1) / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == record.base_model.path
     assert (options.output / "curves.png").stat().st_size > 10_000
+
+
+def run_log(output: Path) -> list[dict]:
+    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
 
 
 def adapter_weights(registry: Path, task: str, version: int = 1) -> dict:
@@ -78,7 +81,7 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(trained, tmp_p
     spec_path = tiny_spec(tmp_path, tiny_base, max_steps=300, checkpoint_every=1, eval_every=None)
     command = [sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(spec_path), "--task", "yesno",
                "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
-    metrics = tmp_path / "run" / "yesno" / "metrics.jsonl"
+    metrics = tmp_path / "run" / "metrics.jsonl"
     kill_after_rows(command, metrics, rows=20, total=300)
     assert not Registry(tmp_path / "reg").versions("yesno"), "a killed run published an adapter"
 

@@ -1,0 +1,27 @@
+"""mtft.train: fine-tune task adapters on a frozen base and publish them into the registry.
+
+The public surface: load a spec, run a recipe, read its results. The recipes share one loop
+(`loop.train`) and one run session (`session.Session`); what differs is their step plan.
+"""
+
+from .base import EMBEDDED_BASE, BaseModelError, resolve_base
+from .evaluate import generate
+from .multitask import train_one_pass, train_shared
+from .run import train_adapters
+from .session import RunOptions, TaskResult
+from .spec import Spec, SpecError, load_spec
+
+__all__ = [
+    "EMBEDDED_BASE",
+    "BaseModelError",
+    "RunOptions",
+    "Spec",
+    "SpecError",
+    "TaskResult",
+    "generate",
+    "load_spec",
+    "resolve_base",
+    "train_adapters",
+    "train_one_pass",
+    "train_shared",
+]

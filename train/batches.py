@@ -1,4 +1,4 @@
-"""Tokenized examples and the deterministic order they are batched in.
+"""Tokenized examples, the deterministic order they are batched in, and the loss on their answers.
 
 The order is a pure function of (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted run would have seen.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .data import Example
 
@@ -69,6 +70,28 @@ def micro_batches(items: list[Tokenized], batch_size: int, seed: int, by_length:
         epoch += 1
 
 
+class BatchStream:
+    """One task's micro-batches, epoch after epoch; its whole state is how many it handed out."""
+
+    def __init__(self, items: list[Tokenized], batch_size: int, seed: int, by_length: bool):
+        self._args = (items, batch_size, seed, by_length)
+        self.load_state_dict({"taken": 0})
+
+    def next(self) -> tuple[int, list[int]]:
+        """(epoch, example indices) of the next micro-batch."""
+        self.taken += 1
+        return next(self._stream)
+
+    def state_dict(self) -> dict:
+        return {"taken": self.taken}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replay the stream up to where it was: resuming skips exactly the batches already trained on."""
+        self._stream, self.taken = micro_batches(*self._args), 0
+        for _ in range(state["taken"]):
+            self.next()
+
+
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(t.input_ids) for t in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
@@ -80,3 +103,51 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(item.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:
+    """Each row's summed next-token loss over its answer tokens (their mean, if `per_example`).
+
+    The one loss every training plan uses; prompt and padding tokens (IGNORE) carry none.
+    """
+    targets = labels[:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                                ignore_index=IGNORE, reduction="none").view(targets.shape)
+    per_row = per_token.sum(dim=1)
+    if per_example:
+        per_row = per_row / (targets != IGNORE).sum(dim=1).clamp(min=1)
+    return per_row
+
+
+Row = tuple[str, int]  # (task, example index)
+PADDING_SLACK = 1.25  # a forward's padded tokens may exceed its real tokens by this factor
+
+
+def forwards(rows: list[Row], items: dict[str, list[Tokenized]], tasks: list[str], min_rows: int) -> list[list[Row]]:
+    """Split a micro-batch into forwards of similar length, each with its rows grouped by task.
+
+    Tasks differ in length (a chat task's prompts can be twice a label task's), and padding every
+    row of a mixed batch to the longest would waste more compute than batching saves. Loss
+    normalisers cover the whole step, so how rows are split into forwards changes nothing else.
+    """
+    length = {row: len(items[row[0]][row[1]].input_ids) for row in rows}
+    chunks, current, tokens = [], [], 0
+    for row in sorted(rows, key=length.__getitem__):
+        if len(current) >= min_rows and (len(current) + 1) * length[row] > PADDING_SLACK * (tokens + length[row]):
+            chunks.append(current)
+            current, tokens = [], 0
+        current.append(row)
+        tokens += length[row]
+    chunks.append(current)
+    return [sorted(chunk, key=lambda row: tasks.index(row[0])) for chunk in chunks]
+
+
+def runs(rows: list[Row]) -> list[tuple[str, int]]:
+    """[(task, consecutive rows)]: the rows grouped by task, in order."""
+    out: list[tuple[str, int]] = []
+    for task, _ in rows:
+        if out and out[-1][0] == task:
+            out[-1] = (task, out[-1][1] + 1)
+        else:
+            out.append((task, 1))
+    return out

@@ -14,8 +14,9 @@ import typer
 from mtft.registry import Registry, RegistryError
 
 from .base import BaseModelError, mtft_home, resolve_base
-from .multitask import check_multitask, train_multitask
-from .run import RunOptions, TaskResult, prepare, train_adapters
+from .multitask import check_shared_run, train_one_pass, train_shared
+from .run import train_adapters
+from .session import RunOptions, TaskResult, check_run
 from .spec import SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -65,8 +66,7 @@ def adapters(
 ) -> None:
     """Train one LoRA adapter per task and publish each into the registry."""
     _run(config, task, registry, output or Path("runs") / config.stem, resume, check, threads,
-         lambda spec, options: train_multitask(spec, options, shared=False) if one_pass else train_adapters(spec, options),
-         "adapter", prepare)
+         train_one_pass if one_pass else train_adapters, "adapter", check_run)
 
 
 @app.command()
@@ -81,8 +81,7 @@ def shared(
 ) -> None:
     """Train one shared adapter conditioned on task embeddings; publish each task's export."""
     _run(config, task, registry, output or Path("runs") / f"{config.stem}-shared", resume, check, threads,
-         lambda spec, options: train_multitask(spec, options, shared=True), "shared adapter",
-         lambda spec, options: check_multitask(spec, options, shared=True))
+         train_shared, "shared adapter", check_shared_run)
 
 
 def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer, label: str,

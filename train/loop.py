@@ -1,48 +1,108 @@
-"""The training recipe for one LoRA: masked next-token loss, checkpoints, exact resume.
+"""The training loop of every recipe: optimizer steps, evaluations, checkpoints, exact resume, run-log rows.
 
-A checkpoint holds the adapter weights, optimizer, schedule, step and RNG
-state, so a run killed at any point and resumed produces the same adapter as
-one that was never interrupted.
+What differs between recipes is a step plan (`StepPlan`): which parameters train under which
+optimizer, which examples make up each step, how the rows' losses combine, and any state of its
+own. The loop owns the rest. A checkpoint holds the trainable tensors, every optimizer and
+schedule, the plan's state, the step and the RNG state, so a run killed at any point and resumed
+produces the same weights as one that was never interrupted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import shutil
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
-import torch.nn.functional as F
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from .batches import IGNORE, Tokenized, collate, micro_batches
-from .spec import SpecError, TrainingSpec
+from .batches import IGNORE, Row, Tokenized, answer_loss, collate, forwards, runs
+from .runlog import RunLog
+from .spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
+Evaluator = Callable[[list[str]], dict[str, float]]  # tasks -> score per task
+
 
 @dataclass(frozen=True)
-class Job:
-    """One task's training: its tokenized data and where its files go."""
+class Draw:
+    """The examples of one optimizer step and which optimizers step after it."""
 
-    task: str
-    items: list[Tokenized]
+    parts: list[list[Row]]  # grad_accum micro-batches
+    stepped: list[str]  # optimizer keys (lockstep: the tasks still training)
+
+
+@dataclass(frozen=True)
+class TaskStep:
+    """One task's share of a step: mean loss, examples, answer tokens, and its weight in the step's loss."""
+
+    loss: float
+    examples: int
+    tokens: int
+    share: float
+
+
+class StepPlan(Protocol):
+    """What a recipe trains; `plans.py` and `shared.py` hold the three implementations."""
+
+    name: str  # progress bar and log label
+    tasks: list[str]
+    items: dict[str, list[Tokenized]]
+    model: torch.nn.Module
+    total_steps: int
+    per_example: bool  # normalise each task's loss by its examples instead of its answer tokens
+
+    def optimizers(self) -> dict[str, tuple[list[dict], int]]:
+        """Per optimizer key: its parameter groups and how many steps its schedule spans."""
+
+    def draw(self, step: int) -> Draw: ...
+
+    def rows(self, grouped: list[tuple[str, int]]) -> AbstractContextManager:
+        """Forwards inside see which task each run of batch rows belongs to."""
+
+    def objective(self, per_row: torch.Tensor, grouped: list[tuple[str, int]], counts: dict[str, int],
+                  first: bool) -> torch.Tensor:
+        """This forward's part of the step's loss; `counts` are the whole step's normalisers per task."""
+
+    def record(self, step: int, stats: dict[str, TaskStep]) -> dict:
+        """Observe a finished step; returns what the plan adds to its log row."""
+
+    def evaluations(self, step: int) -> list[str] | None:
+        """Tasks the plan needs evaluated after `step` (a stage's end), besides `eval_every`."""
+
+    def observe_eval(self, step: int, scores: dict[str, float]) -> None: ...
+
+    def steps(self, task: str) -> int:
+        """The step a task's training ends at."""
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class Loop:
+    """Where a training writes and what it runs on; `train` is the loop itself."""
+
     training: TrainingSpec
-    dir: Path
-    config_hash: str  # of everything that shapes the result; resume refuses a mismatch
+    checkpoint: Path
+    log: RunLog
+    accelerator: object
     pad_id: int
-
-    @property
-    def total_steps(self) -> int:
-        return total_steps(len(self.items), self.training)
+    evaluate: Evaluator | None = None
 
 
 def total_steps(examples: int, t: TrainingSpec) -> int:
@@ -53,90 +113,98 @@ def total_steps(examples: int, t: TrainingSpec) -> int:
     return max(1, round(t.epochs * batches / t.grad_accum))
 
 
-def train(model, optimizer_params, job: Job, accelerator, resume: bool, on_eval=None) -> None:
-    """Train `model` (a PeftModel) in place; `on_eval(step)` returns a score to log."""
-    t = job.training
-    optimizer = torch.optim.AdamW(optimizer_params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    scheduler = get_scheduler(t.schedule, optimizer, t.warmup_steps, job.total_steps)
-    ckpt = job.dir / "checkpoint"
-    metrics_path = job.dir / "metrics.jsonl"
-    start = 0
-    if resume and latest_checkpoint(ckpt):
-        start = _load(latest_checkpoint(ckpt), model, optimizer, scheduler, job)
-        truncate_metrics(metrics_path, start)
-        log.info("%s: resuming at step %d/%d from %s", job.task, start, job.total_steps, latest_checkpoint(ckpt))
-    else:
-        metrics_path.unlink(missing_ok=True)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-    model.train()
-    stream = micro_batches(job.items, t.batch_size, t.seed, t.batching == "length")
-    for _ in range(start * t.grad_accum):
-        next(stream)
-    bar = tqdm(total=job.total_steps, initial=start, desc=job.task, unit="step", dynamic_ncols=True)
-    for step in range(start, job.total_steps):
+def train(plan: StepPlan, setup: Loop, resume: bool) -> None:
+    """Train `plan` in place, from its last checkpoint if `resume` and there is one."""
+    t = setup.training
+    optimizers, schedulers = {}, {}
+    for key, (groups, steps) in plan.optimizers().items():
+        optimizers[key] = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+        schedulers[key] = get_scheduler(t.schedule, optimizers[key], t.warmup_steps, steps)
+    found = latest_checkpoint(setup.checkpoint) if resume else None
+    start, seen = 0, {}  # seen: realised examples per task so far
+    if found:
+        start, seen = _restore(found, plan, optimizers, schedulers)
+        log.info("%s: resuming at step %d/%d from %s", plan.name, start, plan.total_steps, found)
+    setup.log.truncate(start)
+    plan.model.train()
+    bar = tqdm(total=plan.total_steps, initial=start, desc=plan.name, unit="step", dynamic_ncols=True)
+    for step in range(start, plan.total_steps):
         began = time.perf_counter()
-        batch_ids = [next(stream) for _ in range(t.grad_accum)]
-        epoch = batch_ids[-1][0]
-        parts = [[job.items[i] for i in ids] for _, ids in batch_ids]
-        # Per-token averaging over the whole optimizer step: every answer token
-        # weighs the same, however the step is split into micro-batches.
-        targets = sum(sum(x != IGNORE for x in item.labels) for part in parts for item in part)
-        loss_sum, tokens = 0.0, 0
-        for part in parts:
-            batch = {k: v.to(accelerator.device) for k, v in collate(part, job.pad_id).items()}
-            with accelerator.autocast():
-                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                ignore_index=IGNORE, reduction="sum",
-            )
-            accelerator.backward(loss / targets)
-            loss_sum += loss.item()
-            tokens += int(batch["attention_mask"].sum())
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        draw = plan.draw(step)
+        stats, tokens = _forward_backward(plan, draw, setup)
+        for key in draw.stepped:
+            optimizers[key].step()
+            schedulers[key].step()
+            optimizers[key].zero_grad(set_to_none=True)
+        for task, s in stats.items():
+            seen[task] = seen.get(task, 0) + s.examples
         seconds = time.perf_counter() - began
-        row = {"step": step + 1, "epoch": epoch, "loss": loss_sum / targets,
-               "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / seconds, "seconds": seconds}
+        row = {"step": step + 1, "loss": sum(s.share * s.loss for s in stats.values()),
+               "lr": schedulers[draw.stepped[0]].get_last_lr()[0], "tokens_per_s": tokens / seconds,
+               "seconds": seconds, "tasks": {n: {"loss": s.loss, "examples": s.examples, "tokens": s.tokens}
+                                             for n, s in stats.items()},
+               "seen": dict(seen), **plan.record(step, stats)}
         bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if on_eval and t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < job.total_steps:
-            row["eval"] = on_eval(step + 1)
-            model.train()
-        append_metrics(metrics_path, row)
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == job.total_steps:
-            _save(ckpt, accelerator.unwrap_model(model), optimizer, scheduler, step + 1, job)
+        bar.set_postfix({n[:8]: f"{s.loss:.3f}" for n, s in stats.items()} | {"tok_s": f"{row['tokens_per_s']:.0f}"})
+        due = plan.evaluations(step + 1)
+        if setup.evaluate and (due or (t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < plan.total_steps)):
+            row["eval"] = setup.evaluate(due or plan.tasks)
+            plan.observe_eval(step + 1, row["eval"])
+            plan.model.train()
+        setup.log.append(row)
+        if (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.total_steps:
+            _save(setup.checkpoint, plan, optimizers, schedulers, step + 1, seen)
     bar.close()
 
 
-def append_metrics(path: Path, row: dict) -> None:
-    with path.open("a") as handle:
-        handle.write(json.dumps(row) + "\n")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop rows logged after the checkpoint: the resumed run logs them again."""
-    if path.exists():
-        rows = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        path.write_text("".join(r + "\n" for r in rows))
+def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str, TaskStep], int]:
+    """Every forward and backward of one optimizer step; returns per-task stats and tokens seen."""
+    targets: dict[str, int] = {}
+    examples: dict[str, int] = {}
+    for part in draw.parts:
+        for task, i in part:
+            targets[task] = targets.get(task, 0) + sum(x != IGNORE for x in plan.items[task][i].labels)
+            examples[task] = examples.get(task, 0) + 1
+    counts = examples if plan.per_example else targets
+    sums = dict.fromkeys(counts, 0.0)
+    tokens, accelerator = 0, setup.accelerator
+    min_rows = max(1, setup.training.batch_size // 2)
+    chunks = [rows for part in draw.parts for rows in forwards(part, plan.items, plan.tasks, min_rows)]
+    for m, rows in enumerate(chunks):
+        batch = {k: v.to(accelerator.device)
+                 for k, v in collate([plan.items[n][i] for n, i in rows], setup.pad_id).items()}
+        grouped = runs(rows)
+        with plan.rows(grouped), accelerator.autocast():
+            logits = plan.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        per_row = answer_loss(logits, batch["labels"], plan.per_example)
+        accelerator.backward(plan.objective(per_row, grouped, counts, first=m == 0))
+        start = 0
+        for task, count in grouped:
+            sums[task] += per_row[start:start + count].sum().item()
+            start += count
+        tokens += int(batch["attention_mask"].sum())
+    whole = sum(counts.values())
+    return {n: TaskStep(sums[n] / counts[n], examples[n], targets[n], counts[n] / whole) for n in counts}, tokens
 
 
 def latest_checkpoint(ckpt: Path) -> Path | None:
-    # A kill between the two renames in save_checkpoint leaves only the previous checkpoint.
-    for candidate in (ckpt, ckpt.with_name("checkpoint.old")):
+    # A kill between the two renames in _save leaves only the previous checkpoint.
+    for candidate in (ckpt, ckpt.with_name(ckpt.name + ".old")):
         if (candidate / "state.pt").exists():
             return candidate
     return None
 
 
-def save_checkpoint(ckpt: Path, tensors: dict[str, torch.Tensor], state: dict) -> None:
-    """Write trainable tensors and training state atomically: a kill leaves the old or the new one."""
-    tmp, old = ckpt.with_name("checkpoint.tmp"), ckpt.with_name("checkpoint.old")
+def _save(ckpt: Path, plan: StepPlan, optimizers: dict, schedulers: dict, step: int, seen: dict[str, int]) -> None:
+    """Write tensors and training state atomically: a kill leaves the old or the new checkpoint."""
+    tmp, old = ckpt.with_name(ckpt.name + ".tmp"), ckpt.with_name(ckpt.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp / "adapter.safetensors")
-    torch.save({**state, "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
+    save_file({k: v.detach().contiguous() for k, v in plan.tensors().items()}, tmp / "adapter.safetensors")
+    torch.save({"step": step, "seen": seen, "plan": plan.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                "schedulers": {k: s.state_dict() for k, s in schedulers.items()},
+                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}, tmp / "state.pt")
     if ckpt.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(ckpt, old)
@@ -144,31 +212,13 @@ def save_checkpoint(ckpt: Path, tensors: dict[str, torch.Tensor], state: dict) -
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(ckpt: Path, config_hash: str, what: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and state of a checkpoint made with the same config; restores the RNGs."""
+def _restore(ckpt: Path, plan: StepPlan, optimizers: dict, schedulers: dict) -> tuple[int, dict[str, int]]:
     state = torch.load(ckpt / "state.pt", weights_only=False)
-    if state["config_hash"] != config_hash:
-        raise SpecError(
-            str(ckpt),
-            [
-                f"checkpoint of {what} was made with a different spec or base model; "
-                "rerun without --resume to start over, or restore the spec it was made with"
-            ],
-        )
+    plan.load_tensors(load_file(ckpt / "adapter.safetensors"))
+    plan.load_state_dict(state["plan"])
+    for key in optimizers:
+        optimizers[key].load_state_dict(state["optimizers"][key])
+        schedulers[key].load_state_dict(state["schedulers"][key])
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
-    return load_file(ckpt / "adapter.safetensors"), state
-
-
-def _save(ckpt: Path, model, optimizer, scheduler, step: int, job: Job) -> None:
-    state = {"step": step, "config_hash": job.config_hash, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict()}
-    save_checkpoint(ckpt, get_peft_model_state_dict(model), state)
-
-
-def _load(ckpt: Path, model, optimizer, scheduler, job: Job) -> int:
-    tensors, state = load_checkpoint(ckpt, job.config_hash, f"task {job.task!r}")
-    set_peft_model_state_dict(model, tensors)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    return state["step"]
+    return state["step"], state["seen"]

@@ -58,53 +58,91 @@ class _Rows:
         return out
 
 
-class TaskLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, tasks: int, rank: int, alpha: float, dropout: float,
-                 shared: bool, up_projections: int, tau: float, rows: _Rows):
+class _TaskLinear(nn.Module):
+    """A frozen Linear plus a task-dependent low-rank delta; each run of batch rows uses its own task's."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float, rows: _Rows):
         super().__init__()
-        self.base, self.rows, self.shared, self.tau = base, rows, shared, tau
+        self.base, self.rows = base, rows
         self.scaling = alpha / rank
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        n_down, n_up = (1, up_projections) if shared else (tasks, tasks)
 
-        def params(n, *shape, init=torch.zeros):
-            return nn.ParameterList(nn.Parameter(init(*shape)) for _ in range(n))
+    @staticmethod
+    def _params(n: int, *shape: int, init=torch.zeros) -> nn.ParameterList:
+        return nn.ParameterList(nn.Parameter(init(*shape)) for _ in range(n))
 
-        self.lora_A = params(n_down, rank, base.in_features)
-        self.lora_B = params(n_up, base.out_features, rank)
-        if shared:
-            self.transform = params(tasks, rank, init=torch.eye)
-            # Random θ breaks the symmetry between up-projections (equal B_k would stay equal).
-            self.up_logits = params(tasks, up_projections, init=lambda k: 0.5 * torch.randn(k)) if up_projections > 1 else None
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        segments = self.rows.segments(x.shape[0])
+        down = [(self.down(self.dropout(x[start:stop]), task), task) for task, start, stop in segments]
+        return self.base(x) + self.up(down) * self.scaling
 
-    def up(self, task: int) -> torch.Tensor:
+    def down(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        """The rank-space (r wide) activations of one task's rows."""
+        raise NotImplementedError
+
+    def up(self, down: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """The deltas of every run of rows, in batch order."""
+        raise NotImplementedError
+
+    def export(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of an ordinary LoRA equal to this task's delta."""
+        raise NotImplementedError
+
+
+def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+
+class SeparateLoRALinear(_TaskLinear):
+    """One ordinary LoRA (A_t, B_t) per task: N adapters trained in one pass."""
+
+    def __init__(self, base: nn.Linear, tasks: int, rank: int, alpha: float, dropout: float, rows: _Rows):
+        super().__init__(base, rank, alpha, dropout, rows)
+        self.lora_A = self._params(tasks, rank, base.in_features)
+        self.lora_B = self._params(tasks, base.out_features, rank)
+
+    def down(self, x, task):
+        return F.linear(x, self.lora_A[task])
+
+    def up(self, down):
+        return _cat([F.linear(h, self.lora_B[task]) for h, task in down])
+
+    def export(self, task):
+        return self.lora_A[task], self.lora_B[task]
+
+
+class SharedLoRALinear(_TaskLinear):
+    """One LoRA for all tasks: shared A and B_k, per task a transform Λ_t and a mixture θ_t over the B_k."""
+
+    def __init__(self, base: nn.Linear, tasks: int, rank: int, alpha: float, dropout: float, rows: _Rows,
+                 up_projections: int, tau: float):
+        super().__init__(base, rank, alpha, dropout, rows)
+        self.tau = tau
+        self.lora_A = self._params(1, rank, base.in_features)
+        self.lora_B = self._params(up_projections, base.out_features, rank)
+        self.transform = self._params(tasks, rank, init=torch.eye)
+        # Random θ breaks the symmetry between up-projections (equal B_k would stay equal).
+        self.up_logits = (self._params(tasks, up_projections, init=lambda k: 0.5 * torch.randn(k))
+                          if up_projections > 1 else None)
+
+    def mixed_up(self, task: int) -> torch.Tensor:
         """B_t: the task's up-projection before its transform."""
-        if not self.shared:
-            return self.lora_B[task]
         if self.up_logits is None:
             return self.lora_B[0]
         weights = torch.softmax(self.up_logits[task] / self.tau, dim=0)
         return torch.einsum("k,kor->or", weights, torch.stack(list(self.lora_B)))
 
-    def export(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) of an ordinary LoRA equal to this task's delta."""
-        if not self.shared:
-            return self.lora_A[task], self.lora_B[task]
-        return self.lora_A[0], self.up(task) @ self.transform[task]
+    def down(self, x, task):
+        return F.linear(F.linear(x, self.lora_A[0]), self.transform[task])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        segments = self.rows.segments(x.shape[0])
-        pieces = []
-        for task, start, stop in segments:
-            h = F.linear(self.dropout(x[start:stop]), self.lora_A[0 if self.shared else task])
-            pieces.append(F.linear(h, self.transform[task]) if self.shared else h)
-        if self.shared and self.up_logits is None:
+    def up(self, down):
+        if self.up_logits is None:
             # Rows differ only in the rank space (r wide): one up-projection serves the whole batch.
-            delta = F.linear(pieces[0] if len(pieces) == 1 else torch.cat(pieces), self.lora_B[0])
-        else:
-            deltas = [F.linear(h, self.up(task)) for h, (task, _, _) in zip(pieces, segments)]
-            delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas)
-        return self.base(x) + delta * self.scaling
+            return F.linear(_cat([h for h, _ in down]), self.lora_B[0])
+        return _cat([F.linear(h, self.mixed_up(task)) for h, task in down])
+
+    def export(self, task):
+        return self.lora_A[0], self.mixed_up(task) @ self.transform[task]
 
 
 class TaskLoRA:
@@ -112,15 +150,16 @@ class TaskLoRA:
 
     def __init__(self, model: nn.Module, tasks: list[str], init: dict[str, torch.Tensor], rank: int, alpha: float,
                  dropout: float, shared: bool, up_projections: int = 1, tau: float = 1.0):
-        self.model, self.tasks, self.shared = model, list(tasks), shared
+        self.model, self.tasks = model, list(tasks)
         self._rows = _Rows()
-        self.layers: dict[str, TaskLoRALinear] = {}
+        self.layers: dict[str, _TaskLinear] = {}
         names = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in init})
         for name in names:
             parent_name, _, attr = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             base = getattr(parent, attr)
-            layer = TaskLoRALinear(base, len(tasks), rank, alpha, dropout, shared, up_projections, tau, self._rows)
+            layer = (SharedLoRALinear(base, len(tasks), rank, alpha, dropout, self._rows, up_projections, tau) if shared
+                     else SeparateLoRALinear(base, len(tasks), rank, alpha, dropout, self._rows))
             with torch.no_grad():
                 for a in layer.lora_A:
                     a.copy_(init[f"{PEFT_PREFIX}{name}.lora_A.weight"])

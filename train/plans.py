@@ -1,0 +1,122 @@
+"""Step plans of per-task adapters: one PEFT LoRA (`mtft-train adapters`), or N in lockstep (`--one-pass`).
+
+Both give each task its own optimizer, schedule and per-token mean loss, and read each task's
+batches from its own stream, so an adapter trained in lockstep equals the one trained alone.
+The shared adapter's plan is in `shared.py`; the loop that runs them all is `loop.train`.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from .batches import BatchStream, Tokenized
+from .loop import Draw, TaskStep, total_steps
+from .spec import TrainingSpec
+from .tasklora import TaskLoRA
+
+
+def own_means(per_row: torch.Tensor, grouped: list[tuple[str, int]], counts: dict[str, int]) -> torch.Tensor:
+    """Σ_t (task t's summed row losses / its answer tokens in the step): every adapter as if alone."""
+    loss, start = per_row.new_zeros(()), 0
+    for task, count in grouped:
+        loss = loss + per_row[start:start + count].sum() / counts[task]
+        start += count
+    return loss
+
+
+class _PerTask:
+    """What both per-task plans share: a batch stream, a step count and an optimizer per task."""
+
+    per_example = False
+
+    def __init__(self, items: dict[str, list[Tokenized]], t: TrainingSpec):
+        self.tasks, self.items, self.grad_accum = list(items), items, t.grad_accum
+        self.streams = {n: BatchStream(v, t.batch_size, t.seed, t.batching == "length") for n, v in items.items()}
+        self.totals = {n: total_steps(len(v), t) for n, v in items.items()}
+        self.total_steps = max(self.totals.values())
+
+    def objective(self, per_row, grouped, counts, first: bool) -> torch.Tensor:
+        return own_means(per_row, grouped, counts)
+
+    def evaluations(self, step: int) -> None:
+        return None
+
+    def observe_eval(self, step: int, scores: dict[str, float]) -> None:
+        pass
+
+    def steps(self, task: str) -> int:
+        return self.totals[task]
+
+    def state_dict(self) -> dict:
+        return {"streams": {n: s.state_dict() for n, s in self.streams.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, stream in self.streams.items():
+            stream.load_state_dict(state["streams"][name])
+
+
+class LoraPlan(_PerTask):
+    """One task's PEFT LoRA, trained alone."""
+
+    def __init__(self, task: str, items: list[Tokenized], model, t: TrainingSpec):
+        super().__init__({task: items}, t)
+        self.name, self.model, self._epoch = task, model, 0
+
+    def optimizers(self) -> dict[str, tuple[list[dict], int]]:
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return {self.name: ([{"params": trainable}], self.total_steps)}
+
+    def draw(self, step: int) -> Draw:
+        parts = []
+        for _ in range(self.grad_accum):
+            self._epoch, ids = self.streams[self.name].next()
+            parts.append([(self.name, i) for i in ids])
+        return Draw(parts, [self.name])
+
+    def rows(self, grouped):
+        return nullcontext()
+
+    def record(self, step: int, stats: dict[str, TaskStep]) -> dict:
+        return {"epoch": self._epoch}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model)
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, tensors)
+
+
+class LockstepPlan(_PerTask):
+    """Every task's adapter in one pass: step k holds each task's k-th batch, the batch it would get alone."""
+
+    name = "one pass"
+
+    def __init__(self, lora: TaskLoRA, items: dict[str, list[Tokenized]], t: TrainingSpec):
+        super().__init__(items, t)
+        self.lora, self.model = lora, lora.model
+
+    def optimizers(self) -> dict[str, tuple[list[dict], int]]:
+        return {n: ([{"params": self.lora.parameters(n)}], self.totals[n]) for n in self.tasks}
+
+    def draw(self, step: int) -> Draw:
+        active = [n for n in self.tasks if step < self.totals[n]]
+        parts = [[(n, i) for n in active for i in self.streams[n].next()[1]] for _ in range(self.grad_accum)]
+        return Draw(parts, active)
+
+    def rows(self, grouped):
+        return self.lora.rows(grouped)
+
+    def record(self, step: int, stats: dict[str, TaskStep]) -> dict:
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return self.lora.state_dict()
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.lora.load_state_dict(tensors)

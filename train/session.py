@@ -1,0 +1,274 @@
+"""One training run's shared preparation and bookkeeping, for every recipe.
+
+`check_run` does everything that can fail on bad input (spec, data rows, base model, registry) before
+any training, and is all `--check` runs. A `Session` then loads the frozen base once and owns the
+run folder: `spec.json`, `state.json` (what a `--resume` can skip, and the config each task was
+trained with), the run log, zero-shot scores, evaluation, publishing and `results.json`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, fingerprint
+
+from .base import resolve_base
+from .batches import Tokenized, tokenize
+from .data import TaskData, load_task_data
+from .evaluate import evaluate
+from .runlog import RunLog, plot
+from .spec import Spec, SpecError, TaskSpec
+
+log = logging.getLogger(__name__)
+
+NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size"}  # settings that change nothing learnt
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    output: Path
+    registry: Path
+    tasks: list[str] | None = None
+    resume: bool = False
+
+
+class TaskState(BaseModel):
+    base_score: float | None = None
+    adapter_score: float | None = None
+    version: int | None = None
+    config_hash: str | None = None  # of the training that made (or makes) this task's adapter
+
+
+class RunState(BaseModel):
+    """`state.json` in the run folder: what a resumed run can skip."""
+
+    tasks: dict[str, TaskState] = {}
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        return cls.model_validate_json(path.read_text()) if path.exists() else cls()
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    task: str
+    metric: str
+    base: float
+    adapter: float  # the published adapter (shared runs: this task's export)
+    version: int
+    separate: float | None = None  # shared runs: the newest per-task adapter's score, for comparison
+
+
+@dataclass(frozen=True)
+class Checked:
+    """Everything validated before training: the selected tasks and their data."""
+
+    tasks: list[TaskSpec]
+    base_dir: Path
+    tokenizer: object
+    templates: dict[str, PromptTemplate]
+    data: dict[str, TaskData]
+
+
+def check_run(spec: Spec, options: RunOptions) -> Checked:
+    """Every check that can fail on bad input, before any training (also `--check`)."""
+    from transformers import AutoTokenizer
+
+    tasks = _select(spec, options.tasks)
+    Registry(options.registry).check_writable()
+    base_dir = resolve_base(spec.base_model)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    templates = {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks}
+    data, problems = {}, []
+    for task in tasks:
+        try:
+            data[task.name] = load_task_data(spec, task, templates[task.name], spec.training.seed)
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(str(spec.source), problems)
+    return Checked(tasks, base_dir, tokenizer, templates, data)
+
+
+def set_threads(requested: int | None) -> int:
+    """All cores by default; a server beside training should get an explicit lower count."""
+    threads = requested or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    reason = "from the spec" if requested else "all cores (set training.threads to share the machine)"
+    log.info("using %d CPU threads: %s", threads, reason)
+    return threads
+
+
+class Session:
+    """A started run: the frozen base (loaded once), the registry, `state.json` and the run log."""
+
+    def __init__(self, spec: Spec, options: RunOptions, checked: Checked):
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM
+
+        self.spec, self.options, self.checked, self.tasks = spec, options, checked, checked.tasks
+        self.tokenizer = checked.tokenizer
+        self.base_ref = BaseModelRef(name=spec.base_model, path=str(checked.base_dir),
+                                     fingerprint=fingerprint(checked.base_dir))
+        self.registry = Registry(options.registry)
+        options.output.mkdir(parents=True, exist_ok=True)
+        (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
+        self.state_path = options.output / "state.json"
+        self.state = RunState.load(self.state_path) if options.resume else RunState()
+        self.log = RunLog(options.output)
+        if not options.resume:
+            self.log.clear()
+        set_threads(spec.training.threads)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        torch.manual_seed(spec.training.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=torch.float32)
+        self.model.to(self.accelerator.device).requires_grad_(False)
+
+    def task_state(self, name: str) -> TaskState:
+        return self.state.tasks.setdefault(name, TaskState())
+
+    def save_state(self) -> None:
+        self.state.save(self.state_path)
+
+    def config_hash(self, not_shaping: set[str] = NOT_SHAPING, **parts) -> str:
+        """Hash of everything that shapes a training's result (`parts`: its tasks and mode)."""
+        spec = self.spec
+        shaping = {**parts, "lora": spec.lora.model_dump(mode="json"),
+                   "training": spec.training.model_dump(mode="json", exclude=not_shaping),
+                   "base": self.base_ref.fingerprint}
+        return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
+
+    def claim(self, names: list[str], config_hash: str) -> bool:
+        """Record what trains `names`; True where a resume may continue from their checkpoint.
+
+        The one place that refuses to resume a run made with another spec, task selection or base.
+        """
+        states = [self.task_state(n) for n in names]
+        if self.options.resume and any(s.config_hash not in (None, config_hash) for s in states):
+            raise SpecError(str(self.state_path), [
+                "this run was made with a different spec, task selection or base model; "
+                "rerun without --resume to start over, or restore the spec it was made with"])
+        resumable = self.options.resume and all(s.config_hash == config_hash for s in states)
+        for s in states:
+            s.config_hash = config_hash
+        self.save_state()
+        return resumable
+
+    def end_ids(self, task: TaskSpec) -> list[int]:
+        """Answers end with the chat end token in chat format, with EOS in plain format."""
+        tokenizer, eos = self.tokenizer, self.tokenizer.eos_token_id
+        if task.template.format == "chat":
+            im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+            if im_end is not None and im_end != tokenizer.unk_token_id:
+                return [im_end] + ([eos] if eos is not None and eos != im_end else [])
+        return [eos]
+
+    @property
+    def pad_id(self) -> int:
+        """Padding is masked out of attention and loss, so any task's end token serves."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.end_ids(self.tasks[0])[0]
+
+    def tokenized(self, task: TaskSpec) -> list[Tokenized]:
+        items, truncated = tokenize(self.checked.data[task.name].train, self.tokenizer, self.end_ids(task)[0],
+                                    self.spec.training.max_length)
+        if truncated:
+            log.warning("%s: %d examples longer than max_length=%d lost the start of their prompt",
+                        task.name, truncated, self.spec.training.max_length)
+        return items
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        lora = self.spec.lora
+        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+
+    def score(self, model, task: TaskSpec) -> float:
+        """The task's metric on its held-out split, greedy, as the router would answer."""
+        return evaluate(model, self.tokenizer, self.checked.data[task.name].eval, task.metric, task.labels,
+                        task.max_new_tokens, self.end_ids(task), self.spec.training.eval_batch_size).score
+
+    def score_base(self) -> None:
+        """Zero-shot scores of every selected task not yet scored (kept across resumes)."""
+        for task in self.tasks:
+            state = self.task_state(task.name)
+            if state.base_score is None and state.version is None:
+                state.base_score = self.score(self.model, task)
+                self.save_state()
+                log.info("%s: base model %s = %.3f", task.name, task.metric, state.base_score)
+
+    def publish(self, task: TaskSpec, weights: dict[str, torch.Tensor], trained_by: str, log: RunLog, steps: int) -> None:
+        """Write `weights` (a PEFT LoRA state dict on the bare base) as a PEFT adapter and publish it."""
+        from peft import get_peft_model, set_peft_model_state_dict
+
+        state = self.task_state(task.name)
+        log.append({"step": 0, "model": "base", "eval": {task.name: state.base_score}})
+        log.append({"step": steps, "model": "adapter", "eval": {task.name: state.adapter_score}})
+        adapter_dir = self.options.output / task.name / "adapter"
+        peft_model = get_peft_model(self.model, self.lora_config())
+        set_peft_model_state_dict(peft_model, weights)
+        peft_model.save_pretrained(adapter_dir)
+        self.model = peft_model.unload()
+        _point_config_at(adapter_dir, self.checked.base_dir)
+        lora = self.spec.lora
+        record = AdapterRecord(
+            task=task.name, prefix=task.prefix, template=self.checked.templates[task.name], base_model=self.base_ref,
+            rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules), metric=task.metric,
+            metrics={"base": state.base_score, "adapter": state.adapter_score},
+            eval_examples=len(self.checked.data[task.name].eval), max_new_tokens=task.max_new_tokens,
+            trained_by=trained_by,
+        )
+        state.version = self.registry.publish(adapter_dir, record).version
+        self.save_state()
+
+    def result(self, task: TaskSpec, separate: float | None = None) -> TaskResult:
+        s = self.state.tasks[task.name]
+        return TaskResult(task.name, task.metric, s.base_score, s.adapter_score, s.version, separate)
+
+    def finish(self, mode: str, results: list[TaskResult], stage_ends: list[int] | None = None) -> list[TaskResult]:
+        """`curves.png` from the run log and `results.json`: the run's final per-task scores."""
+        plot(self.log.rows(), self.options.output / "curves.png", {t.name: t.metric for t in self.tasks}, stage_ends)
+        rows = {r.task: {"metric": r.metric, "base": r.base, "adapter": r.adapter, "version": r.version,
+                         **({"separate": r.separate} if r.separate is not None else {})} for r in results}
+        (self.options.output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
+        return results
+
+
+def _select(spec: Spec, names: list[str] | None) -> list[TaskSpec]:
+    if not names:
+        return spec.tasks
+    known = [t.name for t in spec.tasks]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SpecError(str(spec.source), [f"--task {n!r} is not in the spec; tasks are {known}" for n in unknown])
+    return [spec.task(n) for n in names]
+
+
+def _with_chat_template(template: PromptTemplate, tokenizer, task: str) -> PromptTemplate:
+    if template.format != "chat":
+        return template
+    if not tokenizer.chat_template:
+        raise SpecError(task, [f"task {task!r} uses format: chat but the base model's tokenizer has no chat template"])
+    return template.model_copy(update={"chat_template": tokenizer.chat_template})
+
+
+def _point_config_at(adapter_dir: Path, base_dir: Path) -> None:
+    """vLLM's filesystem resolver matches base_model_name_or_path to the served --model."""
+    path = adapter_dir / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    path.write_text(json.dumps(config, indent=2))
