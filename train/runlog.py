@@ -43,7 +43,7 @@ class RunLog:
         self.path.unlink(missing_ok=True)
 
 
-def plot(rows: list[dict], out: Path, metrics: dict[str, str], stage_ends: list[int] | None = None) -> None:
+def plot(rows: list[dict], out: Path, metric_names: dict[str, str], stage_ends: list[int] | None = None) -> None:
     """`curves.png`: one training-loss curve per task (left) and one eval curve per task (right).
 
     Transfer, interference and forgetting show as curves moving together or apart; dashed lines
@@ -57,13 +57,13 @@ def plot(rows: list[dict], out: Path, metrics: dict[str, str], stage_ends: list[
     if not rows:
         return
     fig, (loss_ax, eval_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for i, task in enumerate(metrics):
+    for i, task in enumerate(metric_names):
         losses = [(r["step"], r["tasks"][task]["loss"]) for r in rows if task in r.get("tasks", {})]
         if losses:
             loss_ax.plot(*zip(*losses), color=f"C{i}", lw=1, label=task)
         evals = sorted((r["step"], r["eval"][task]) for r in rows if task in (r.get("eval") or {}))
         if evals:
-            eval_ax.plot(*zip(*evals), "o-", color=f"C{i}", label=f"{task} ({metrics[task]})")
+            eval_ax.plot(*zip(*evals), "o-", color=f"C{i}", label=f"{task} ({metric_names[task]})")
     for ax, title in ((loss_ax, "train loss per task"), (eval_ax, "eval metric per task")):
         for end in stage_ends or []:
             ax.axvline(end, color="grey", ls="--", lw=0.8)
