@@ -1,5 +1,9 @@
 """The router's configuration: one typed model, written by `mtft-serve` or by hand as JSON/YAML.
 
+This module is the router's only import from outside: `mtft-serve` launches the router
+with a config file and builds it from `RouterConfig`, so the file has one schema, the
+reader's. It needs pydantic and yaml only.
+
 Secrets never live here: inference keys come from `MTFT_API_KEYS`
 (`key` or `key=task1|task2`, comma-separated; a key with tasks may only use
 those, `base` included by name) and the admin key from `MTFT_ADMIN_KEY`.
@@ -17,10 +21,24 @@ API_KEYS_ENV = "MTFT_API_KEYS"
 ADMIN_KEY_ENV = "MTFT_ADMIN_KEY"
 
 
-class RouterConfig(BaseModel):
+class RouterOptions(BaseModel):
+    """What a person chooses for the router. `mtft-serve` takes the same fields (its config
+    extends this model) and hands them on, so each is declared here once."""
+
     model_config = ConfigDict(extra="forbid")
 
-    registry: Path
+    registry: Path = Field(description="the adapter registry to serve")
+    default: str | None = Field(default=None, description="task or 'base' for requests no rule routes; default: 404")
+    host: str = Field(default="127.0.0.1", description="the router's address")
+    port: int = Field(default=8000, description="the router's port")
+    poll_s: float = Field(default=2.0, gt=0, description="how often the router checks the registry and vLLM, in seconds")
+    upstream_timeout_s: float = Field(default=300.0, gt=0, description="how long the router waits for vLLM's answer")
+    max_body_bytes: int = Field(default=1 << 20, gt=0, description="the largest request body the router accepts")
+
+
+class RouterConfig(RouterOptions):
+    """The router's whole configuration: the options plus what only the vLLM it fronts can tell."""
+
     upstream: str = Field(description="vLLM's base URL on loopback, e.g. http://127.0.0.1:8100")
     base_model: str = Field(description="vLLM's --model: what vLLM calls the base model")
     base_name: str = Field(description="the base model's public name (the records' base_model.name)")
@@ -31,13 +49,7 @@ class RouterConfig(BaseModel):
         "workaround); None sends base traffic to the base model itself",
     )
     max_rank: int = Field(gt=0, description="vLLM's --max-lora-rank: larger adapters are refused")
-    default: str | None = Field(default=None, description="task or 'base' for unmatched requests")
-    host: str = "127.0.0.1"
-    port: int = 8000
-    poll_s: float = Field(default=2.0, gt=0, description="registry and vLLM check interval")
-    upstream_timeout_s: float = Field(default=300.0, gt=0)
-    max_body_bytes: int = Field(default=1 << 20, gt=0)
-    retry_after_s: int = Field(default=2, gt=0)
+    retry_after_s: int = Field(default=2, gt=0, description="Retry-After of a 503 while vLLM is away")
 
     @classmethod
     def load(cls, path: Path) -> RouterConfig:

@@ -6,24 +6,24 @@ immutable `RouteTable`. A replaced version is unloaded only once its
 in-flight requests are done, so a swap fails or mis-routes no request. A
 rejected adapter is logged and listed with its reasons; serving is untouched.
 
-A background loop (every `poll_s`) stats the registry's task folders, a few
-syscalls, and asks vLLM which adapters it holds: after vLLM restarts it has
-lost the runtime-loaded ones, and this loop loads them again.
+A background loop (every `poll_s`) compares the registry's signature (a few
+stat calls) and asks vLLM which adapters it holds: after vLLM restarts it has
+lost the runtime-loaded ones, and this loop loads them again. `synced` says
+whether the last poll reached vLLM; `/ready` answers from it. The registry
+alone knows its folder layout; this module only asks it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import Counter
 from dataclasses import dataclass
 
 import httpx
 
-from mtft.registry import AdapterRecord, Registry, servable_problems
-from mtft.registry.record import TASK_NAME
+from mtft.registry import TASK_NAME, AdapterRecord, Registry, servable_problems
 
 from .config import RouterConfig
 from .errors import APIError, Unavailable
@@ -50,7 +50,7 @@ class LiveTable:
             base_target=config.base_adapter or config.base_model,
             default=config.default,
         )
-        self.ready = False
+        self.synced = False
         self.rejected: dict[tuple[str, int], Rejection] = {}
         self.withdrawn: dict[str, int] = {}
         self.inflight: Counter[str] = Counter()
@@ -58,7 +58,7 @@ class LiveTable:
         self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._signature: tuple | None = None
-        self._tasks: set[asyncio.Task] = set()
+        self._background: set[asyncio.Task] = set()  # unloads in progress
 
     # -- requests -------------------------------------------------------------------------
     def acquire(self, route: Route) -> None:
@@ -79,7 +79,7 @@ class LiveTable:
         if not TASK_NAME.match(task):
             raise APIError(400, f"task {task!r} is not a task name", "invalid_task", "task")
         versions = self.registry.versions(task)
-        version = version if version is not None else max(versions, default=None)
+        version = version if version is not None else self.registry.newest_version(task)
         if version is None or version not in versions:
             raise APIError(404, f"registry {self.registry.root} has no {task}/v{version}", "unknown_adapter", "task")
         async with self._lock:
@@ -163,9 +163,9 @@ class LiveTable:
             raise Unavailable(f"vLLM is unreachable: {exc!r}", self.config.retry_after_s) from exc
 
     def _spawn(self, coroutine) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        job = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(job)
+        job.add_done_callback(self._background.discard)
 
     # -- the background loop ---------------------------------------------------------------
     async def run(self) -> None:
@@ -174,7 +174,7 @@ class LiveTable:
                 await self.sync()
             except Exception:  # the loop must outlive any one bad poll
                 log.exception("sync failed")
-                self.ready = False
+                self.synced = False
             try:
                 await asyncio.wait_for(self.wake.wait(), self.config.poll_s)
             except TimeoutError:
@@ -186,30 +186,26 @@ class LiveTable:
         try:
             held = await self._held()
         except Unavailable as exc:
-            if self.ready:
+            if self.synced:
                 log.warning("%s; requests get 503 until it is back", exc.message)
-            self.ready = False
+            self.synced = False
             return
         for record in list(self.table.current.values()):
             if record.name not in held:
                 log.info("vLLM lacks %s (restarted?); loading it again", record.name)
                 await self._load(record)
-        signature = self._registry_signature()
+        signature = self.registry.signature()
         if signature != self._signature:
             await self._scan()
             self._signature = signature
-        if not self.ready:
+        if not self.synced:
             log.info("ready: %d tasks %s", len(self.table.current), self.table.tasks)
-        self.ready = True
+        self.synced = True
 
     async def _scan(self) -> None:
-        on_disk = set()
-        for task_dir in sorted(self.registry.root.iterdir()) if self.registry.root.is_dir() else []:
-            task = task_dir.name
-            if task.startswith(".") or not TASK_NAME.match(task) or not task_dir.is_dir():
-                continue
-            on_disk.add(task)
-            newest = max(self.registry.versions(task), default=None)
+        on_disk = self.registry.tasks()
+        for task in on_disk:
+            newest = self.registry.newest_version(task)
             current = self.table.current.get(task)
             if newest is None or (current and current.version >= newest):
                 continue
@@ -219,18 +215,9 @@ class LiveTable:
                 await self.add(task, newest)
             except APIError:
                 pass  # logged and listed by add()
-        for task in set(self.table.current) - on_disk:
+        for task in set(self.table.current) - set(on_disk):
             log.info("task %s vanished from the registry", task)
             await self.remove(task)
-
-    def _registry_signature(self) -> tuple:
-        """mtime of the root and of every task folder: a publish renames a folder into one of them."""
-        root = self.registry.root
-        try:
-            entries = [(e.name, e.stat().st_mtime_ns) for e in os.scandir(root)]
-            return (root.stat().st_mtime_ns, tuple(sorted(entries)))
-        except OSError:
-            return ()
 
     def status(self) -> dict[str, object]:
         return {

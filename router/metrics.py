@@ -1,5 +1,6 @@
-"""Per-task Prometheus metrics: what vLLM cannot tell, since it sees adapter names, not tasks.
+"""Per-task Prometheus request metrics: what vLLM cannot tell, since it sees adapter names, not tasks.
 
+(Not the records' evaluation `metrics`: these count requests, tokens and latency.)
 One `CollectorRegistry` per app (no process-global collectors), so two
 routers in one test process do not collide.
 """
@@ -11,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 UNROUTED = "-"
 
 
-class Metrics:
+class RequestMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         labels = ["task", "adapter"]

@@ -89,10 +89,10 @@ def test_prefix_lookup_cost_does_not_grow_with_the_number_of_tasks():
 
 def test_a_task_route_is_rendered_with_the_records_template_and_evaluation_defaults():
     chosen = route(RouteRequest(text="yesno: is it?"), table())
-    plan = exchange(CompletionBody(model="x", prompt="yesno: is it?"), COMPLETIONS, chosen)
-    assert plan.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": False,
+    call = exchange(CompletionBody(model="x", prompt="yesno: is it?"), COMPLETIONS, chosen)
+    assert call.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": False,
                             "max_tokens": 5, "temperature": 0.0}
-    assert plan.payload["prompt"] == render_prompt(chosen.record.template, "yesno: ", "is it?")
+    assert call.payload["prompt"] == render_prompt(chosen.record.template, "yesno: ", "is it?")
 
 
 def test_a_chat_request_to_a_task_becomes_a_completion_of_the_last_user_message():
@@ -101,17 +101,17 @@ def test_a_chat_request_to_a_task_becomes_a_completion_of_the_last_user_message(
                                                  {"role": "assistant", "content": "no"},
                                                  {"role": "user", "content": [{"type": "text", "text": "yesno: is it?"}]}]})
     body, wanted = parse(body.model_dump_json().encode(), CHAT, None)
-    plan = exchange(body, CHAT, route(wanted, table()))
-    assert (plan.path, plan.chat_from_completion, plan.client_wants_usage) == (COMPLETIONS, True, False)
-    assert plan.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": True, "max_tokens": 2,
+    call = exchange(body, CHAT, route(wanted, table()))
+    assert (call.path, call.chat_from_completion, call.client_wants_usage) == (COMPLETIONS, True, False)
+    assert call.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": True, "max_tokens": 2,
                             "top_p": 0.5, "temperature": 0.0, "stream_options": {"include_usage": True}}
 
 
 def test_base_requests_pass_through_with_only_model_replaced():
     body = ChatBody.model_validate({"model": "base", "messages": [{"role": "user", "content": "hi"}], "seed": 3})
-    plan = exchange(body, CHAT, route(RouteRequest(model="base"), table()))
-    assert plan.path == CHAT
-    assert plan.payload == {"model": "mtft-base-zero", "messages": [{"role": "user", "content": "hi"}],
+    call = exchange(body, CHAT, route(RouteRequest(model="base"), table()))
+    assert call.path == CHAT
+    assert call.payload == {"model": "mtft-base-zero", "messages": [{"role": "user", "content": "hi"}],
                             "seed": 3, "temperature": 0.0}
 
 
