@@ -1,4 +1,4 @@
-"""Tokenized examples, the deterministic order they are batched in, and the loss on their answers.
+"""Tokenized examples and the deterministic order they are batched in.
 
 The order is a pure function of (seed, epoch), so a resumed run sees exactly
 the batches an uninterrupted run would have seen.
@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .data import Example
 
@@ -103,20 +102,6 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
         labels[row, :n] = torch.tensor(item.labels)
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def answer_loss(logits: torch.Tensor, labels: torch.Tensor, per_example: bool = False) -> torch.Tensor:
-    """Each row's summed next-token loss over its answer tokens (their mean, if `per_example`).
-
-    The one loss every training plan uses; prompt and padding tokens (IGNORE) carry none.
-    """
-    targets = labels[:, 1:]
-    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(),
-                                ignore_index=IGNORE, reduction="none").view(targets.shape)
-    per_row = per_token.sum(dim=1)
-    if per_example:
-        per_row = per_row / (targets != IGNORE).sum(dim=1).clamp(min=1)
-    return per_row
 
 
 Row = tuple[str, int]  # (task, example index)

@@ -1,30 +1,47 @@
-"""Per-task evaluation: greedy generation on the held-out split, scored with the task's metric."""
+"""Per-task evaluation: greedy generation on the held-out split, scored with the task's metric.
+
+Every evaluation can save its predictions (input, prediction, reference, per-example score) so a
+user can read the errors behind a score.
+"""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .data import Example
-from .metrics import score
+from .metrics import score, score_examples
 
 
 @dataclass(frozen=True)
 class Evaluation:
     score: float
     predictions: list[str]
+    scores: list[float]  # per example, in the order of the examples
+
+    def save(self, path: Path, examples: list[Example]) -> None:
+        """One JSON row per example: where it came from, input, prediction, reference, score."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"where": e.where, "input": e.input, "prediction": p, "reference": e.target.strip(), "score": s}
+                for e, p, s in zip(examples, self.predictions, self.scores)]
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, end_ids: list[int], batch_size: int) -> list[str]:
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, end_ids: list[int], batch_size: int,
+             desc: str | None = None) -> list[str]:
     """Greedy answers, batched with left padding (what a server's greedy decoding returns)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
     answers = []
-    for start in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None, dynamic_ncols=True):
         encoded = [tokenizer(p).input_ids for p in prompts[start : start + batch_size]]
         width = max(len(ids) for ids in encoded)
         ids = torch.tensor([[pad_id] * (width - len(x)) + x for x in encoded], device=device)
@@ -45,7 +62,8 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, end_ids:
 
 
 def evaluate(model, tokenizer, examples: list[Example], metric: str, labels: list[str] | None,
-             max_new_tokens: int, end_ids: list[int], batch_size: int) -> Evaluation:
-    predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, end_ids, batch_size)
-    value = score(metric, predictions, [e.target.strip() for e in examples], labels=labels)
-    return Evaluation(value, predictions)
+             max_new_tokens: int, end_ids: list[int], batch_size: int, desc: str | None = None) -> Evaluation:
+    predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, end_ids, batch_size, desc)
+    references = [e.target.strip() for e in examples]
+    return Evaluation(score(metric, predictions, references, labels=labels), predictions,
+                      score_examples(metric, predictions, references, labels=labels))

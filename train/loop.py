@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Callable, Protocol
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from .batches import IGNORE, Row, Tokenized, answer_loss, collate, forwards, runs
+from .batches import IGNORE, Row, Tokenized, collate, forwards, runs
 from .runlog import RunLog
 from .spec import TrainingSpec
 
 log = logging.getLogger(__name__)
 
-Evaluator = Callable[[list[str]], dict[str, float]]  # tasks -> score per task
+Evaluator = Callable[[list[str], str], dict[str, float]]  # (tasks, label) -> score per task
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ def train(plan: StepPlan, setup: Loop, resume: bool) -> None:
         bar.set_postfix({n[:8]: f"{s.loss:.3f}" for n, s in stats.items()} | {"tok_s": f"{row['tokens_per_s']:.0f}"})
         due = plan.evaluations(step + 1)
         if setup.evaluate and (due or (t.eval_every and (step + 1) % t.eval_every == 0 and step + 1 < plan.total_steps)):
-            row["eval"] = setup.evaluate(due or plan.tasks)
+            row["eval"] = setup.evaluate(due or plan.tasks, f"step-{step + 1}")
             plan.observe_eval(step + 1, row["eval"])
             plan.model.train()
         setup.log.append(row)
@@ -175,8 +176,7 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
                  for k, v in collate([plan.items[n][i] for n, i in rows], setup.pad_id).items()}
         grouped = runs(rows)
         with plan.rows(grouped), accelerator.autocast():
-            logits = plan.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_row = answer_loss(logits, batch["labels"], plan.per_example)
+            per_row = answer_loss(plan.model, batch, plan.per_example)
         accelerator.backward(plan.objective(per_row, grouped, counts, first=m == 0))
         start = 0
         for task, count in grouped:
@@ -185,6 +185,25 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
         tokens += int(batch["attention_mask"].sum())
     whole = sum(counts.values())
     return {n: TaskStep(sums[n] / counts[n], examples[n], targets[n], counts[n] / whole) for n in counts}, tokens
+
+
+def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:
+    """Each row's summed next-token loss over its answer tokens (their mean, if `per_example`).
+
+    The one loss every plan trains on. The LM head runs only at positions where some row
+    predicts an answer token: prompt tokens carry no loss, and their vocabulary-wide logits are
+    most of the compute of a short-answer task (SmolLM2's head is 576 × 49,152).
+    """
+    targets = batch["labels"][:, 1:]
+    keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    kept = targets[:, keep]
+    per_token = F.cross_entropy(logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(kept.shape)
+    per_row = per_token.sum(dim=1)
+    if per_example:
+        per_row = per_row / (kept != IGNORE).sum(dim=1).clamp(min=1)
+    return per_row
 
 
 def latest_checkpoint(ckpt: Path) -> Path | None:

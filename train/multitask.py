@@ -81,18 +81,18 @@ def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained
     plan = make_plan(session, items, init)
     lora = plan.lora
 
-    def evaluate(names: list[str]) -> dict[str, float]:
+    def evaluate(names: list[str], label: str) -> dict[str, float]:
         scores = {}
         for name in names:
             with lora.task(name):
-                scores[name] = session.score(session.model, spec.task(name))
+                scores[name] = session.score(session.model, spec.task(name), label)
         return scores
 
     setup = loop.Loop(spec.training, options.output / "checkpoint", session.log, session.accelerator,
                       session.pad_id, evaluate)
     loop.train(plan, setup, resumable)
     pending = [t for t in tasks if session.task_state(t.name).version is None]
-    scores = evaluate([t.name for t in pending])
+    scores = evaluate([t.name for t in pending], "adapter")
     exported = {t.name: lora.export(t.name) for t in pending}
     session.model = lora.remove()
     for task in pending:

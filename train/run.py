@@ -34,9 +34,10 @@ def _train(session: Session, task: TaskSpec) -> None:
                                                                task=task.model_dump(mode="json")))
     log = session.log.scoped(task.name)
     setup = loop.Loop(session.spec.training, session.options.output / task.name / "checkpoint", log,
-                      session.accelerator, session.pad_id, lambda names: {task.name: session.score(model, task)})
+                      session.accelerator, session.pad_id,
+                      lambda names, label: {task.name: session.score(model, task, label)})
     loop.train(plan, setup, resumable)
-    session.task_state(task.name).adapter_score = session.score(model, task)
+    session.task_state(task.name).adapter_score = session.score(model, task, "adapter")
     weights = get_peft_model_state_dict(model)
     session.model = model.unload()
     session.publish(task, weights, "mtft-train adapters", log, plan.total_steps)

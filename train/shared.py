@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .batches import Tokenized, answer_loss, collate
-from .loop import Draw, TaskStep, total_steps
+from .batches import Tokenized, collate
+from .loop import Draw, TaskStep, answer_loss, total_steps
 from .mixing import DynamicMixing, TaskSampler, task_probabilities
 from .spec import MultitaskSpec, Spec, TrainingSpec
 from .tasklora import TaskLoRA
@@ -201,8 +201,7 @@ def _order_by(measure: str, items: dict[str, list[Tokenized]], lora: TaskLoRA, p
     for name in names:
         batch = {k: v.to(device) for k, v in collate(items[name][:32], pad_id).items()}
         with lora.task(name):  # adapters are zero at the start: this is the base model's loss
-            logits = lora.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        per_row = answer_loss(logits, batch["labels"])
+            per_row = answer_loss(lora.model, batch)
         losses[name] = float(per_row.sum() / (batch["labels"][:, 1:] >= 0).sum())
     log.info("curriculum by base loss (easiest first): %s",
              {n: round(v, 3) for n, v in sorted(losses.items(), key=lambda x: x[1])})

@@ -73,8 +73,10 @@ class _TaskLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         segments = self.rows.segments(x.shape[0])
-        down = [(self.down(self.dropout(x[start:stop]), task), task) for task, start, stop in segments]
-        return self.base(x) + self.up(down) * self.scaling
+        # Adapters stay float32 on a bfloat16 base, as PEFT keeps them.
+        h = x.to(self.lora_A[0].dtype)
+        down = [(self.down(self.dropout(h[start:stop]), task), task) for task, start, stop in segments]
+        return self.base(x) + (self.up(down) * self.scaling).to(x.dtype)
 
     def down(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """The rank-space (r wide) activations of one task's rows."""

@@ -1,0 +1,90 @@
+"""The training loop's pieces: the answer-only loss, the base model's dtype, saved predictions, zero-shot cache."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtft.train import RunOptions, load_spec, train_adapters
+from mtft.train.batches import IGNORE, Tokenized, collate
+from mtft.train.loop import answer_loss
+from mtft.train.session import choose_dtype
+
+from conftest import tiny_spec
+
+
+def _full_logits_loss(model, batch, per_example: bool) -> torch.Tensor:
+    """The obvious reference: logits at every position, prompt tokens masked in the loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]
+    per_token = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+                                reduction="none").view(labels.shape)
+    per_row = per_token.sum(dim=1)
+    return per_row / (labels != IGNORE).sum(dim=1) if per_example else per_row
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_the_answer_only_loss_equals_the_full_logits_loss(tiny_base, per_example):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    # Rows of different lengths whose answers sit at different positions (right padding).
+    items = [Tokenized(list(range(5, 5 + n)), [IGNORE] * (n - k) + list(range(5 + n - k, 5 + n)))
+             for n, k in ((12, 3), (7, 2), (20, 6), (9, 1))]
+    batch = collate(items, pad_id=0)
+    fast, full = answer_loss(model, batch, per_example), _full_logits_loss(model, batch, per_example)
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    fast.sum().backward()
+    fast_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full.sum().backward()
+    for a, b in zip(fast_grads, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # The check can fail: counting the prompt tokens too gives another loss.
+    everything = collate([Tokenized(t.input_ids, t.input_ids) for t in items], pad_id=0)
+    assert (answer_loss(model, everything, per_example) - fast).abs().max() > 1e-2
+
+
+def test_the_base_dtype_is_bfloat16_only_where_the_hardware_computes_it():
+    cpu = torch.device("cpu")
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    dtype, reason = choose_dtype("auto", cpu)
+    assert dtype == (torch.bfloat16 if native else torch.float32)
+    assert reason.startswith("auto: ") and ("AVX-512-bf16/AMX" in reason)
+    assert choose_dtype("bfloat16", cpu) == (torch.bfloat16, "from training.dtype")
+    assert choose_dtype("float32", cpu)[0] == torch.float32
+
+
+def test_a_bfloat16_base_trains_float32_adapters(tiny_base, tmp_path):
+    spec = load_spec(tiny_spec(tmp_path, tiny_base, max_steps=2, eval_every=None, dtype="bfloat16"))
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg", tasks=["yesno"])
+    [result] = train_adapters(spec, options)
+    from safetensors.torch import load_file
+
+    from mtft.registry import Registry
+
+    weights = load_file(Registry(options.registry).version_dir("yesno", result.version) / "adapter_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float32}
+    assert any(w.abs().max() > 0 for k, w in weights.items() if "lora_B" in k), "the adapter never trained"
+
+
+def test_every_evaluation_saves_its_predictions_and_zero_shot_scores_are_cached(trained, tmp_path, caplog):
+    spec, options, results = trained
+    for result in results:
+        folder = options.output / "predictions" / result.task
+        assert {p.name for p in folder.iterdir()} >= {"base.jsonl", "adapter.jsonl", "step-6.jsonl"}
+        rows = [json.loads(line) for line in (folder / "adapter.jsonl").read_text().splitlines()]
+        assert rows and set(rows[0]) == {"where", "input", "prediction", "reference", "score"}
+        assert sum(r["score"] for r in rows) / len(rows) == pytest.approx(result.adapter)
+    # A second run of the same tasks on the same base does not evaluate the base again.
+    with caplog.at_level("INFO", logger="mtft.train.session"):
+        again = train_adapters(spec, RunOptions(output=tmp_path / "run", registry=tmp_path / "reg", tasks=["yesno"]))
+    assert any("yesno: base model accuracy" in r.getMessage() and "(cached in " in r.getMessage()
+               for r in caplog.records)
+    assert again[0].base == results[0].base
+    assert (tmp_path / "run" / "predictions" / "yesno" / "base.jsonl").read_text() == \
+        (options.output / "predictions" / "yesno" / "base.jsonl").read_text()
