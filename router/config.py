@@ -31,7 +31,7 @@ class RouterOptions(BaseModel):
     default: str | None = Field(default=None, description="task or 'base' for requests no rule routes; default: 404")
     host: str = Field(default="127.0.0.1", description="the router's address")
     port: int = Field(default=8000, description="the router's port")
-    poll_s: float = Field(default=2.0, gt=0, description="how often the router checks the registry and vLLM, in seconds")
+    poll_s: float = Field(default=2.0, gt=0, description="seconds between the router's checks of the registry and vLLM")
     upstream_timeout_s: float = Field(default=300.0, gt=0, description="how long the router waits for vLLM's answer")
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="the largest request body the router accepts")
 

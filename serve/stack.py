@@ -1,11 +1,17 @@
 """The serving stack: a vLLM child on loopback sized from the registry, then the router child.
 
-`plan()` reads the registry and decides everything vLLM is started with (a
-pure step, tested alone); `Stack` owns the two processes: starts vLLM and
-waits for `/v1/models`, starts the router and waits for `/ready`, restarts
-vLLM if it dies (the router reloads the adapters it loaded at runtime), and
-on stop terminates each child's whole process group. Children also get
-SIGTERM if this process dies (PR_SET_PDEATHSIG), so nothing is orphaned.
+`plan()` reads the registry and decides everything vLLM is started with, the
+serving plan (a pure step, tested alone); `router_config()` adds what the
+router needs to know about that vLLM to the options passed on. `Stack` owns
+the two processes: starts vLLM and waits for `/v1/models`, writes the
+router's config and starts it, waits for `/ready`, restarts vLLM if it dies
+(the router reloads the adapters it loaded at runtime), and on stop
+terminates each child's whole process group. Children also get SIGTERM if
+this process dies (PR_SET_PDEATHSIG), so nothing is orphaned.
+
+Of the router, this module uses only its config model (`mtft.router.config`):
+the router is a child started from a file, and the file's schema is the
+router's own. The router imports nothing from here.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from mtft.registry import SERVABLE_MODULES, SERVABLE_RANKS, AdapterRecord, Registry, fingerprint, servable_problems
+from mtft.router.config import RouterConfig, RouterOptions
 
 from .config import ServeConfig
 from .vllm_plugin import applies
@@ -39,7 +46,9 @@ class ServeError(Exception):
 
 
 @dataclass(frozen=True)
-class Plan:
+class ServingPlan:
+    """What vLLM is started with, decided from the registry before it starts."""
+
     base_dir: Path
     base_name: str
     base_fingerprint: str
@@ -51,7 +60,7 @@ class Plan:
     zero_modules: list[str] = field(default_factory=list)
 
 
-def plan(config: ServeConfig) -> Plan:
+def plan(config: ServeConfig) -> ServingPlan:
     registry = Registry(config.registry)
     newest = registry.latest()
     if config.base_model is not None:
@@ -77,7 +86,7 @@ def plan(config: ServeConfig) -> Plan:
     # Slots: every task, the zero adapter, and one more so a version swap never waits for a slot.
     max_loras = config.max_loras or len(adapters) + 2
     modules = sorted({m for a in adapters for m in a.target_modules}) or list(SERVABLE_MODULES)
-    return Plan(base_dir, base_name, base_fingerprint, adapters, rejected, max_rank, max_loras,
+    return ServingPlan(base_dir, base_name, base_fingerprint, adapters, rejected, max_rank, max_loras,
                 config.max_cpu_loras or 2 * max_loras, modules if _zero_adapter_needed(config) else [])
 
 
@@ -88,7 +97,8 @@ def _zero_adapter_needed(config: ServeConfig) -> bool:
     return not applies()
 
 
-def vllm_command(config: ServeConfig, plan: Plan, port: int, zero_dir: Path | None) -> tuple[list[str], dict[str, str]]:
+def vllm_command(config: ServeConfig, plan: ServingPlan, port: int,
+                 zero_dir: Path | None) -> tuple[list[str], dict[str, str]]:
     registry = Registry(config.registry)
     modules = [f"{a.name}={registry.version_dir(a.task, a.version).resolve()}" for a in plan.adapters]
     if zero_dir is not None:
@@ -108,6 +118,15 @@ def vllm_command(config: ServeConfig, plan: Plan, port: int, zero_dir: Path | No
            "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
            "VLLM_CPU_OMP_THREADS_BIND": config.vllm_cpus}
     return argv + config.vllm_args, env
+
+
+def router_config(config: ServeConfig, plan: ServingPlan, upstream: str, zero_dir: Path | None) -> RouterConfig:
+    """The router's options as given to mtft-serve, and what the vLLM at `upstream` was started with."""
+    options = config.model_dump(include=set(RouterOptions.model_fields))
+    return RouterConfig(**{**options, "registry": config.registry.resolve()}, upstream=upstream,
+                        base_model=str(plan.base_dir), base_name=plan.base_name,
+                        base_fingerprint=plan.base_fingerprint, max_rank=plan.max_rank,
+                        base_adapter=ZERO_ADAPTER if zero_dir else None)
 
 
 def free_port() -> int:
@@ -133,6 +152,7 @@ class Stack:
 
     def start(self) -> None:
         started = time.monotonic()
+        (self.state_dir / "serve.json").write_text(self.config.model_dump_json(indent=2))  # what was asked
         self.plan = plan(self.config)
         zero_dir = None
         if self.plan.zero_modules:
@@ -141,24 +161,17 @@ class Stack:
         self.vllm_port = self.config.vllm_port or free_port()
         self.vllm_argv, self.vllm_env = vllm_command(self.config, self.plan, self.vllm_port, zero_dir)
         self.vllm_startup_s = self._start_vllm()
-        router_config = {
-            "registry": str(self.config.registry.resolve()), "upstream": self.upstream,
-            "base_model": str(self.plan.base_dir), "base_name": self.plan.base_name,
-            "base_fingerprint": self.plan.base_fingerprint, "max_rank": self.plan.max_rank,
-            "base_adapter": ZERO_ADAPTER if zero_dir else None, "default": self.config.default,
-            "host": self.config.host, "port": self.config.port, "poll_s": self.config.poll_s,
-            "upstream_timeout_s": self.config.upstream_timeout_s, "max_body_bytes": self.config.max_body_bytes,
-        }
-        (self.state_dir / "router.json").write_text(json.dumps(router_config, indent=2))
+        routing = router_config(self.config, self.plan, self.upstream, zero_dir)
+        (self.state_dir / "router.json").write_text(routing.model_dump_json(indent=2))
         self.router = self._spawn([sys.executable, "-m", "mtft.router", str(self.state_dir / "router.json")],
                                   dict(os.environ), "router.log")
         self._wait(f"http://{self._client_host()}:{self.config.port}/ready", self.router, "router")
         self.startup_s = time.monotonic() - started
-        (self.state_dir / "ready.json").write_text(json.dumps({
+        self._write_state({
             "url": self.url, "vllm_pid": self.vllm.pid, "vllm_port": self.vllm_port,
             "router_pid": self.router.pid, "vllm_startup_s": round(self.vllm_startup_s, 1),
             "startup_s": round(self.startup_s, 1), "tasks": [a.task for a in self.plan.adapters],
-            "rejected": self.plan.rejected}, indent=2))
+            "rejected": self.plan.rejected})
         log.info("ready at %s in %.1f s (vLLM %.1f s); tasks %s; logs in %s", self.url, self.startup_s,
                  self.vllm_startup_s, [a.task for a in self.plan.adapters], self.state_dir)
 
@@ -215,13 +228,15 @@ class Stack:
                             self.vllm.returncode)
                 _stop_group(self.vllm)  # its engine process may outlive it
                 log.info("vLLM back after %.1f s", self._start_vllm())
-                self._update_ready_file()
+                self._write_state({**self._state(), "vllm_pid": self.vllm.pid})
         return 0
 
-    def _update_ready_file(self) -> None:
-        path = self.state_dir / "ready.json"
-        state = json.loads(path.read_text())
-        path.write_text(json.dumps({**state, "vllm_pid": self.vllm.pid}, indent=2))
+    def _state(self) -> dict:
+        return json.loads((self.state_dir / "ready.json").read_text())
+
+    def _write_state(self, state: dict) -> None:
+        """ready.json: the running stack's URL, pids, ports and tasks; written once it is ready."""
+        (self.state_dir / "ready.json").write_text(json.dumps(state, indent=2))
 
     def stop(self) -> None:
         self.stopping = True

@@ -150,5 +150,6 @@ def test_locate_names_the_task_and_version_of_a_path(layout, path, expected):
     ".",
 ])
 def test_locate_refuses_paths_that_are_not_a_version_folder_inside_the_registry(layout, path):
-    with pytest.raises(RegistryError, match=rf"path '{re.escape(path)}' resolves to .*, not <registry>/<task>/v<N> inside "):
+    message = rf"path '{re.escape(path)}' resolves to .*, not <registry>/<task>/v<N> inside "
+    with pytest.raises(RegistryError, match=message):
         layout.locate(path)

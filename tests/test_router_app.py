@@ -174,7 +174,8 @@ def test_a_full_stream_is_counted_once_with_its_usage(router):
         assert sum(line.startswith("data: {") for line in answer.iter_lines()) == CHUNKS  # usage: not asked for
     wait_for(lambda: counted(router) == before + 1)
     assert inflight(router) == 0
-    assert 'mtft_tokens_total{adapter="yesno-v1",kind="completion",task="yesno"} ' in httpx.get(router + "/metrics").text
+    tokens = 'mtft_tokens_total{adapter="yesno-v1",kind="completion",task="yesno"} '
+    assert tokens in httpx.get(router + "/metrics").text
 
 
 def test_under_asgi_2_4_a_hang_up_is_counted_out_by_the_relay(config):

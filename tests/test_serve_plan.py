@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from mtft.registry import Registry, adapter_config_problems
-from mtft.serve import ZERO_ADAPTER, ServeConfig, ServeError, plan, vllm_command, write_zero_adapter
+from mtft.serve import ZERO_ADAPTER, ServeConfig, ServeError, plan, router_config, vllm_command, write_zero_adapter
 from mtft.serve.config import ServeConfigError, load_config
 
 
@@ -95,3 +96,72 @@ def test_the_zero_adapter_is_used_only_where_the_cpu_lora_ops_plugin_does_not_fi
     monkeypatch.setenv(ENV, "0")
     assert plan(ServeConfig(registry=options.registry)).zero_modules
     assert plan(ServeConfig(registry=options.registry, base_workaround=False)).zero_modules == []
+
+
+def test_the_router_config_passes_the_options_on_and_names_the_vllm_it_fronts(trained):
+    from mtft.router import RouterConfig
+
+    _, options, _ = trained
+    config = ServeConfig(registry=options.registry, default="yesno", port=9001, poll_s=0.5, max_body_bytes=1000)
+    chosen = plan(config)
+    routing = router_config(config, chosen, "http://127.0.0.1:8100", None)
+    assert (routing.default, routing.port, routing.poll_s, routing.max_body_bytes) == ("yesno", 9001, 0.5, 1000)
+    assert routing.registry == options.registry.resolve() and routing.registry.is_absolute()
+    assert (routing.upstream, routing.base_fingerprint, routing.max_rank) == (
+        "http://127.0.0.1:8100", chosen.base_fingerprint, 8)
+    assert routing.base_adapter is None
+    assert router_config(config, chosen, "http://x", Path("zero")).base_adapter == ZERO_ADAPTER
+    assert RouterConfig.model_validate_json(routing.model_dump_json()) == routing  # what router.json holds
+
+
+def invoke_serve(*args: str):
+    """`mtft-serve ARGS` in this process, its signal handlers put back afterwards."""
+    from typer.testing import CliRunner
+
+    from mtft.serve.cli import app
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return CliRunner().invoke(app, list(args), env={"COLUMNS": "240"})
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def test_every_config_field_is_a_flag_whose_help_is_its_description():
+    shown = " ".join(invoke_serve("--help").output.split())
+    for flag in ("--registry", "--config", "--poll-s", "--vllm-arg", "--base-workaround", "--no-base-workaround",
+                 "--restart-vllm", "--no-restart-vllm", "--max-model-len", "--upstream-timeout-s"):
+        assert flag in shown
+    assert "the router's port; default: 8000" in shown
+    assert ServeConfig.model_fields["base_model"].description in shown
+
+
+def test_flags_win_over_the_yaml_file_and_what_no_flag_names_is_kept(tmp_path):
+    (tmp_path / "serve.yaml").write_text(f"registry: {tmp_path / 'empty'}\nport: 9001\nhost: 0.0.0.0\n"
+                                         "base_workaround: true\nvllm_args: [--seed=1]\ndtype: float32\n")
+    result = invoke_serve("--config", str(tmp_path / "serve.yaml"), "--port", "9002", "--no-base-workaround",
+                          "--vllm-arg=--seed=0", "--vllm-arg=--enforce-eager", "--state-dir", str(tmp_path / "state"))
+    assert result.exit_code == 1 and "--base-model" in result.output  # an empty registry: nothing to serve
+    saved = ServeConfig.model_validate_json((tmp_path / "state" / "serve.json").read_text())
+    assert (saved.port, saved.host, saved.base_workaround, saved.vllm_args, saved.dtype) == (
+        9002, "0.0.0.0", False, ["--seed=0", "--enforce-eager"], "float32")
+    assert saved.poll_s == ServeConfig.model_fields["poll_s"].default
+
+
+def test_bad_flags_are_reported_like_a_bad_yaml_file(tmp_path):
+    result = invoke_serve("--registry", str(tmp_path), "--poll-s", "-1", "--max-loras", "0")
+    assert result.exit_code == 2
+    assert "flags: 2 problem(s)" in result.output and "poll_s" in result.output and "max_loras" in result.output
+
+
+def test_serve_uses_only_the_routers_config_and_the_router_nothing_of_serve():
+    """The router is serve's child, started from a file whose schema is the router's; that is the one import."""
+    root = Path(__file__).parents[1]
+
+    def imported(folder: str) -> set[str]:
+        lines = (line for path in (root / folder).rglob("*.py") for line in path.read_text().splitlines())
+        return {line.split()[1] for line in lines if line.startswith(("from mtft.", "import mtft."))}
+
+    assert {name for name in imported("serve") if not name.startswith("mtft.registry")} == {"mtft.router.config"}
+    assert {name for name in imported("router") if not name.startswith("mtft.registry")} == set()

@@ -55,7 +55,7 @@ class Rows:
 
 
 @dataclass(frozen=True)
-class Plan:
+class Grouping:
     """Which rows each adapter slot owns in one batch, and which rows have no adapter (-1)."""
 
     groups: tuple[tuple[int, Rows], ...]
@@ -66,9 +66,9 @@ class Plan:
 
 
 @functools.lru_cache(maxsize=256)
-def _plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan:
+def _grouping(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Grouping:
     # Keyed on the segment contents, not tensor identity: vLLM refills the same metadata buffers
-    # in place every step, and every layer of a step asks for the same plan.
+    # in place every step, and every layer of a step asks for the same grouping.
     ends = list(accumulate(lengths))
     runs: dict[int, list[tuple[int, int]]] = {}
     for slot, length, end in zip(slots, lengths, ends):
@@ -82,25 +82,25 @@ def _plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan:
         pairs = [(row, slot) for slot, spans in runs.items() if slot >= 0
                  for start, end in spans for row in range(start, end)]
         dense = tuple(torch.tensor(column, dtype=torch.long) for column in zip(*pairs))
-    return Plan(groups, unadapted, rows, dense)
+    return Grouping(groups, unadapted, rows, dense)
 
 
-def _segment_plan(lora_indices: torch.Tensor, seq_lens: torch.Tensor) -> Plan:
-    return _plan(tuple(lora_indices.tolist()), tuple(seq_lens.tolist()))
+def _segment_grouping(lora_indices: torch.Tensor, seq_lens: torch.Tensor) -> Grouping:
+    return _grouping(tuple(lora_indices.tolist()), tuple(seq_lens.tolist()))
 
 
-def _token_plan(token_indices: torch.Tensor) -> Plan:
+def _token_grouping(token_indices: torch.Tensor) -> Grouping:
     slots, lengths = torch.unique_consecutive(token_indices, return_counts=True)
-    return _segment_plan(slots, lengths)
+    return _segment_grouping(slots, lengths)
 
 
-def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan):
+def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, grouping: Grouping):
     """(inputs in the matmul dtype, (slots, out, in) weights not yet cast, the matmul dtype).
 
     Weights are cast per slot where used: casting all slots costs more than the matmul itself."""
     if weights.dim() == 4:  # (slots, 1, out, in), as the LoRA layers stack them
         weights = weights.squeeze(1)
-    if plan.rows <= DENSE_MAX_ROWS:
+    if grouping.rows <= DENSE_MAX_ROWS:
         # Small (decode) batches: CPU bf16 kernels are slower than fp32 at these shapes, and the
         # casts are cheap; vLLM's shrink multiplies in fp32 too.
         dtype = torch.promote_types(torch.promote_types(inputs.dtype, weights.dtype), torch.float32)
@@ -132,38 +132,38 @@ def _multiply_into(target: torch.Tensor, inputs: torch.Tensor, rows: Rows, weigh
             destination.copy_(product)
 
 
-def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, plan: Plan, scaling: float):
-    inputs, weights, dtype = _operands(inputs, weights, output, plan)
+def _shrink(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor, grouping: Grouping, scaling: float):
+    inputs, weights, dtype = _operands(inputs, weights, output, grouping)
     slots, rank, width = weights.shape
     target = output[:, :rank]
-    if plan.unadapted is not None:
-        plan.unadapted.zero(target)
-    if plan.dense is not None:
-        every_slot = inputs[: plan.rows] @ weights.reshape(slots * rank, width).to(dtype).t()
-        picked = every_slot.view(plan.rows, slots, rank)[plan.dense]
-        target.index_copy_(0, plan.dense[0], (picked * scaling if scaling != 1.0 else picked).to(target.dtype))
+    if grouping.unadapted is not None:
+        grouping.unadapted.zero(target)
+    if grouping.dense is not None:
+        every_slot = inputs[: grouping.rows] @ weights.reshape(slots * rank, width).to(dtype).t()
+        picked = every_slot.view(grouping.rows, slots, rank)[grouping.dense]
+        target.index_copy_(0, grouping.dense[0], (picked * scaling if scaling != 1.0 else picked).to(target.dtype))
         return
-    for slot, rows in plan.groups:
+    for slot, rows in grouping.groups:
         _multiply_into(target, inputs, rows, weights[slot].to(dtype).t(), add=False, scaling=scaling)
 
 
-def _expand(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, plan: Plan, add_inputs: bool):
-    inputs, weights, dtype = _operands(inputs, weights, target, plan)
+def _expand(inputs: torch.Tensor, weights: torch.Tensor, target: torch.Tensor, grouping: Grouping, add_inputs: bool):
+    inputs, weights, dtype = _operands(inputs, weights, target, grouping)
     slots, width, rank = weights.shape
     width = min(width, target.shape[1])  # vLLM's ops write the columns both have (padding differs)
     target = target[:, :width]
-    if plan.unadapted is not None and not add_inputs:
-        plan.unadapted.zero(target)
-    if plan.dense is not None:
+    if grouping.unadapted is not None and not add_inputs:
+        grouping.unadapted.zero(target)
+    if grouping.dense is not None:
         # Each row's input sits in its own slot's block, zeros elsewhere (and everywhere for
         # rows without an adapter), so one matmul against all slots' B gives each row its delta.
-        spread = inputs.new_zeros(plan.rows, slots, rank)
-        spread[plan.dense] = inputs[plan.dense[0]]
+        spread = inputs.new_zeros(grouping.rows, slots, rank)
+        spread[grouping.dense] = inputs[grouping.dense[0]]
         stacked = weights[:, :width].to(dtype).permute(0, 2, 1).reshape(slots * rank, width)
-        _multiply_into(target, spread.view(plan.rows, slots * rank), Rows(((0, plan.rows),), None), stacked,
+        _multiply_into(target, spread.view(grouping.rows, slots * rank), Rows(((0, grouping.rows),), None), stacked,
                        add=add_inputs)
         return
-    for slot, rows in plan.groups:
+    for slot, rows in grouping.groups:
         _multiply_into(target, inputs, rows, weights[slot, :width].to(dtype).t(), add=add_inputs)
 
 
@@ -179,7 +179,7 @@ def sgmv_shrink(
     token_nums: int,
     scaling: float,
 ):
-    _shrink(inputs, lora_a_weights, output_tensor, _segment_plan(lora_indices_tensor, seq_len_tensor), scaling)
+    _shrink(inputs, lora_a_weights, output_tensor, _segment_grouping(lora_indices_tensor, seq_len_tensor), scaling)
 
 
 def bgmv_shrink(
@@ -189,7 +189,7 @@ def bgmv_shrink(
     lora_indices_tensor: torch.Tensor,
     scaling: float = 1.0,
 ):
-    _shrink(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor), scaling)
+    _shrink(inputs, lora_b_weights, output_tensor, _token_grouping(lora_indices_tensor), scaling)
 
 
 def sgmv_expand(
@@ -204,8 +204,8 @@ def sgmv_expand(
     token_nums: int,
     add_inputs: bool = False,
 ):
-    plan = _segment_plan(lora_indices_tensor, seq_len_tensor)
-    _expand(inputs, lora_b_weights, output_tensor, plan, add_inputs)
+    grouping = _segment_grouping(lora_indices_tensor, seq_len_tensor)
+    _expand(inputs, lora_b_weights, output_tensor, grouping, add_inputs)
 
 
 def bgmv_expand(
@@ -215,7 +215,7 @@ def bgmv_expand(
     lora_indices_tensor: torch.Tensor,
     add_inputs: bool = True,
 ):
-    _expand(inputs, lora_b_weights, output_tensor, _token_plan(lora_indices_tensor), add_inputs)
+    _expand(inputs, lora_b_weights, output_tensor, _token_grouping(lora_indices_tensor), add_inputs)
 
 
 def sgmv_expand_slice(
@@ -232,8 +232,8 @@ def sgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = False,
 ):
-    plan = _segment_plan(lora_indices_tensor, seq_len_tensor)
-    _expand(inputs, lora_b_weights, output_tensor[:, slice_offset : slice_offset + slice_size], plan, add_inputs)
+    grouping = _segment_grouping(lora_indices_tensor, seq_len_tensor)
+    _expand(inputs, lora_b_weights, output_tensor[:, slice_offset : slice_offset + slice_size], grouping, add_inputs)
 
 
 def bgmv_expand_slice(
@@ -245,5 +245,5 @@ def bgmv_expand_slice(
     slice_size: int,
     add_inputs: bool = True,
 ):
-    plan = _token_plan(lora_indices_tensor)
-    _expand(inputs, lora_b_weights, output_tensor[:, slice_offset : slice_offset + slice_size], plan, add_inputs)
+    grouping = _token_grouping(lora_indices_tensor)
+    _expand(inputs, lora_b_weights, output_tensor[:, slice_offset : slice_offset + slice_size], grouping, add_inputs)
