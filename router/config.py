@@ -1,8 +1,8 @@
 """The router's configuration: one typed model, written by `mtft-serve` or by hand as JSON/YAML.
 
-This module is the router's only import from outside: `mtft-serve` launches the router
-with a config file and builds it from `RouterConfig`, so the file has one schema, the
-reader's. It needs pydantic and yaml only.
+The one router module used outside the router: `mtft-serve` starts the router from a
+config file and builds it as a `RouterConfig`, so the file has one schema, the reader's
+(its options, `RouterOptions`, are also mtft-serve's). Pydantic and yaml only.
 
 Secrets never live here: inference keys come from `MTFT_API_KEYS`
 (`key` or `key=task1|task2`, comma-separated; a key with tasks may only use
