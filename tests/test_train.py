@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -76,9 +77,9 @@ def test_the_same_seed_gives_the_same_adapter(trained, tmp_path):
     assert all((first[k] == second[k]).all() for k in first)
 
 
-def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(trained, tmp_path, tiny_base):
-    spec, options, _ = trained
-    spec_path = tiny_spec(tmp_path, tiny_base, max_steps=300, checkpoint_every=1, eval_every=None)
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(tmp_path, tiny_base, packing):
+    spec_path = tiny_spec(tmp_path, tiny_base, max_steps=300, checkpoint_every=1, eval_every=None, packing=packing)
     command = [sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(spec_path), "--task", "yesno",
                "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
     metrics = tmp_path / "run" / "metrics.jsonl"

@@ -91,17 +91,50 @@ class BatchStream:
             self.next()
 
 
-def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(t.input_ids) for t in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, item in enumerate(items):
-        n = len(item.input_ids)
-        ids[row, :n] = torch.tensor(item.input_ids)
-        labels[row, :n] = torch.tensor(item.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+def collate(items: list[Tokenized], pad_id: int, rows: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors of a forward: one example per row, or (`rows`: example indices per row) packed.
+
+    `example` says which item each token belongs to (-1: padding), so losses can be summed per
+    example however they are laid out. Packed rows carry `position_ids` that restart at every
+    example, from which transformers builds a block-diagonal causal mask: no example attends to
+    another, and each token sees the positions it would see alone.
+    """
+    packed = rows is not None
+    rows = rows if packed else [[i] for i in range(len(items))]
+    width = max(sum(len(items[i].input_ids) for i in row) for row in rows)
+    shape = (len(rows), width)
+    ids, labels = torch.full(shape, pad_id, dtype=torch.long), torch.full(shape, IGNORE, dtype=torch.long)
+    example, mask = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = len(items[i].input_ids)
+            ids[r, at:at + n] = torch.tensor(items[i].input_ids)
+            labels[r, at:at + n] = torch.tensor(items[i].labels)
+            labels[r, at] = IGNORE  # never a target: the token before it belongs to another example
+            example[r, at:at + n] = i
+            positions[r, at:at + n] = torch.arange(n)
+            at += n
+        mask[r, :at] = 1
+        positions[r, at:] = torch.arange(width - at)  # padding: a segment of its own
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask, "example": example}
+    return batch | ({"position_ids": positions} if packed else {})
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices grouped into rows of at most `capacity` tokens, first fit by decreasing length."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        fit = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if fit is None:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+        else:
+            rows[fit].append(i)
+            room[fit] -= lengths[i]
+    return rows
 
 
 Row = tuple[str, int]  # (task, example index)

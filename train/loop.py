@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from .batches import IGNORE, Row, Tokenized, collate, forwards, runs
+from .batches import IGNORE, Row, Tokenized, collate, forwards, pack, runs
 from .runlog import RunLog
 from .spec import TrainingSpec
 
@@ -169,13 +169,17 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
     counts = examples if plan.per_example else targets
     sums = dict.fromkeys(counts, 0.0)
     tokens, accelerator = 0, setup.accelerator
-    min_rows = max(1, setup.training.batch_size // 2)
-    chunks = [rows for part in draw.parts for rows in forwards(part, plan.items, plan.tasks, min_rows)]
+    t = setup.training
+    if t.packing:  # whole micro-batches, each task's rows packed apart (a packed row is one task's)
+        chunks = [sorted(part, key=lambda row: plan.tasks.index(row[0])) for part in draw.parts]
+    else:
+        chunks = [rows for part in draw.parts for rows in forwards(part, plan.items, plan.tasks, max(1, t.batch_size // 2))]
     for m, rows in enumerate(chunks):
-        batch = {k: v.to(accelerator.device)
-                 for k, v in collate([plan.items[n][i] for n, i in rows], setup.pad_id).items()}
         grouped = runs(rows)
-        with plan.rows(grouped), accelerator.autocast():
+        items = [plan.items[n][i] for n, i in rows]
+        layout, row_runs = (_packed(items, grouped, t.max_length) if t.packing else (None, grouped))
+        batch = {k: v.to(accelerator.device) for k, v in collate(items, setup.pad_id, layout).items()}
+        with plan.rows(row_runs), accelerator.autocast():
             per_row = answer_loss(plan.model, batch, plan.per_example)
         accelerator.backward(plan.objective(per_row, grouped, counts, first=m == 0))
         start = 0
@@ -187,23 +191,42 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
     return {n: TaskStep(sums[n] / counts[n], examples[n], targets[n], counts[n] / whole) for n in counts}, tokens
 
 
-def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:
-    """Each row's summed next-token loss over its answer tokens (their mean, if `per_example`).
+def _packed(items: list[Tokenized], grouped: list[tuple[str, int]], capacity: int):
+    """Each task's examples packed into rows of `capacity` tokens; (rows, [(task, row count)])."""
+    rows, row_runs, start = [], [], 0
+    for task, count in grouped:
+        packed = [[start + i for i in row] for row in pack([len(t.input_ids) for t in items[start:start + count]],
+                                                            capacity)]
+        rows += packed
+        row_runs.append((task, len(packed)))
+        start += count
+    return rows, row_runs
 
-    The one loss every plan trains on. The LM head runs only at positions where some row
-    predicts an answer token: prompt tokens carry no loss, and their vocabulary-wide logits are
-    most of the compute of a short-answer task (SmolLM2's head is 576 × 49,152).
+
+def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False) -> torch.Tensor:
+    """Each example's summed next-token loss over its answer tokens (their mean, if `per_example`).
+
+    The one loss every plan trains on, per example in the order the batch was collated from,
+    packed or not. The LM head runs only at positions where some row predicts an answer token:
+    prompt tokens carry no loss, and their vocabulary-wide logits are most of the compute of a
+    short-answer task (SmolLM2's head is 576 × 49,152).
     """
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    layout = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {
+        "attention_mask": batch["attention_mask"]}
+    # use_cache=False: transformers builds the packed (block-diagonal) mask only without a KV cache.
+    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **layout).logits
     kept = targets[:, keep]
     per_token = F.cross_entropy(logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE,
                                 reduction="none").view(kept.shape)
-    per_row = per_token.sum(dim=1)
+    valid = kept != IGNORE
+    owner = batch["example"][:, 1:][:, keep][valid]
+    count = int(batch["example"].max()) + 1
+    sums = per_token.new_zeros(count).index_add(0, owner, per_token[valid])
     if per_example:
-        per_row = per_row / (kept != IGNORE).sum(dim=1).clamp(min=1)
-    return per_row
+        sums = sums / per_token.new_zeros(count).index_add(0, owner, torch.ones_like(per_token[valid])).clamp(min=1)
+    return sums
 
 
 def latest_checkpoint(ckpt: Path) -> Path | None:

@@ -114,6 +114,8 @@ class TrainingSpec(Strict):
     checkpoint_every: int = Field(default=25, gt=0)
     threads: int | None = Field(default=None, gt=0, description="CPU threads; default: all cores")
     eval_batch_size: int = Field(default=16, gt=0)
+    packing: bool = Field(default=False, description="pack a micro-batch's examples into rows of max_length "
+                          "tokens (per-example positions and attention); off: one example per row")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="the frozen base's dtype (adapters and optimizer stay float32); "
         "auto: bfloat16 where the hardware computes it natively, else float32")

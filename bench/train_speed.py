@@ -1,0 +1,209 @@
+"""Training speed: `mtft-train adapters` and `--one-pass` against a plain HF+PEFT loop, same examples and steps.
+
+    .venv/bin/python bench/train_speed.py --data ../shared/data            # part of `make bench`
+
+Real data (SST-2, GSM8K, SciTLDR from --data, seeded subsamples written under --out; mixed
+lengths: 10 to 190 tokens), SmolLM2-135M, rank-8 LoRA on all seven projections. Every
+configuration trains every task for --steps optimizer steps of --batch examples and then scores
+--eval held-out examples per task with the same greedy evaluation, in its own process (peak RSS is
+that process's). The peer is the loop everyone writes first: shuffled batches padded to their
+longest row, `model(labels=...)` computing logits over the whole vocabulary at every position,
+float32 (and bfloat16 where the CPU or GPU computes it natively; elsewhere it is skipped and the
+matmul ratio that rules it out is printed). mtft runs `adapters` and `--one-pass`, each with
+`training.packing` off and on (`-packed`). Tokens/s counts real (non-pad) tokens of the training
+steps; "train s" is the time in training steps only, "wall s" the whole process (model load,
+zero-shot and final evaluation included). Ratios are to the float32 peer, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+from multitask_real import TASKS, Dumper  # noqa: E402  (the real-data tasks, shared with that bench)
+
+CONFIGS = ("peer-fp32", "peer-bf16", "adapters", "adapters-packed", "one-pass", "one-pass-packed")
+
+
+def write_spec(args: argparse.Namespace) -> Path:
+    """Seeded subsamples of each task and a spec over them (also what the peer trains on)."""
+    folder = args.out / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for task in TASKS:
+        for role, name, count in (("train", task.files[0], args.train), ("eval", task.files[1], args.eval)):
+            rows = task.read(args.data / name)
+            picked = random.Random(f"{args.seed}/{task.name}/{role}").sample(rows, min(count, len(rows)))
+            (folder / f"{task.name}.{role}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in picked))
+        tasks.append({"name": task.name, **task.spec,
+                      "data": {"train": f"data/{task.name}.train.jsonl", "eval": f"data/{task.name}.eval.jsonl"}})
+    spec = {"base_model": "smollm2-135m", "lora": {"rank": 8, "alpha": 16, "dropout": 0.0},
+            "training": {"max_steps": args.steps, "batch_size": args.batch, "learning_rate": 1e-3,
+                         "warmup_steps": 2, "max_length": 192, "checkpoint_every": 1000, "threads": args.threads,
+                         "seed": args.seed},
+            "tasks": tasks}
+    path = args.out / "speed.yaml"
+    path.write_text(f"# .venv/bin/mtft-train adapters --config {path}\n"
+                    + yaml.dump(spec, Dumper=Dumper, sort_keys=False, allow_unicode=True, width=120))
+    return path
+
+
+def run_peer(spec_path: Path, out: Path, dtype_name: str) -> dict:
+    """The plain HF+PEFT loop, one task after another, then the same evaluation as mtft's."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mtft.train import load_spec
+    from mtft.train.evaluate import evaluate
+    from mtft.train.session import RunOptions, check_run
+
+    spec = load_spec(spec_path)
+    checked = check_run(spec, RunOptions(output=out, registry=out / "registry"))
+    torch.set_num_threads(spec.training.threads)
+    dtype, t = getattr(torch, dtype_name), spec.training
+    tokenizer = checked.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    scores, tokens, train_s = {}, 0, 0.0
+    for task in checked.tasks:
+        torch.manual_seed(t.seed)
+        model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=dtype)
+        lora = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=0.0,
+                          target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate)
+        examples = checked.data[task.name].train
+        rng = random.Random(t.seed)
+        order = []
+        began = time.perf_counter()
+        for _ in range(t.max_steps):
+            if len(order) < t.batch_size:
+                order += rng.sample(range(len(examples)), len(examples))
+            batch, order = [examples[i] for i in order[:t.batch_size]], order[t.batch_size:]
+            rows = []
+            for e in batch:
+                prompt = tokenizer(e.prompt).input_ids
+                answer = tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+                ids = (prompt + answer)[-t.max_length:]
+                rows.append((ids, ([-100] * len(prompt) + answer)[-t.max_length:]))
+            width = max(len(ids) for ids, _ in rows)
+            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
+            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
+            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            tokens += int(mask.sum())
+        train_s += time.perf_counter() - began
+        # mtft's evaluation: the same prompts, greedy decoding, metric and batching.
+        scores[task.name] = evaluate(model, tokenizer, checked.data[task.name].eval, task.metric, task.labels,
+                                     task.max_new_tokens, [tokenizer.eos_token_id], t.eval_batch_size).score
+    return {"train_s": train_s, "tokens": tokens, "scores": scores}
+
+
+def run_mtft(spec_path: Path, out: Path, config: str) -> dict:
+    from mtft.train import RunOptions, load_spec, train_adapters, train_one_pass
+
+    trainer = train_one_pass if config.startswith("one-pass") else train_adapters
+    spec = load_spec(spec_path)
+    spec.training.packing = config.endswith("-packed")
+    results = trainer(spec, RunOptions(output=out, registry=out / "registry"))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "tasks" in r]
+    return {"train_s": sum(r["seconds"] for r in steps), "tokens": sum(r["tokens_per_s"] * r["seconds"] for r in steps),
+            "scores": {r.task: r.adapter for r in results}}
+
+
+def child(args: argparse.Namespace) -> None:
+    """One configuration in this process; prints its JSON result on the last line."""
+    os.environ.setdefault("MTFT_HOME", str(Path.home() / ".cache" / "mtft"))
+    out = args.out / args.run
+    began = time.perf_counter()
+    if args.run.startswith("peer-"):
+        result = run_peer(args.spec, out, "float32" if args.run == "peer-fp32" else "bfloat16")
+    else:
+        result = run_mtft(args.spec, out, args.run)
+    print(json.dumps({**result, "wall_s": time.perf_counter() - began}))
+
+
+def matmul_ratio() -> float:
+    """How much longer a bf16 matmul takes than fp32 on this CPU (AVX2-only machines emulate bf16)."""
+    import torch
+
+    times = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a @ b
+        began = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        times[dtype] = time.perf_counter() - began
+    return times[torch.bfloat16] / times[torch.float32]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=BENCH.parent.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/train-speed"))
+    parser.add_argument("--steps", type=int, default=15, help="optimizer steps per task")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--train", type=int, default=400, help="training examples sampled per task")
+    parser.add_argument("--eval", type=int, default=40, help="held-out examples scored per task")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--run", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run:
+        return child(args)
+    args.out = args.out.resolve()
+    spec = write_spec(args)
+    import torch
+
+    from mtft.train.session import choose_dtype
+
+    native_bf16 = choose_dtype("auto", torch.device("cpu"))[0] == torch.bfloat16
+    measured = {}
+    for config in CONFIGS:
+        if config == "peer-bf16" and not native_bf16:
+            print(f"peer-bf16: skipped; no native bf16 here (a bf16 matmul takes {matmul_ratio():.0f}x the fp32 one)")
+            continue
+        argv = [sys.executable, __file__, "--run", config, "--spec", str(spec), "--out", str(args.out)]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status != 0:
+            sys.exit(f"{config} failed (status {status}); rerun: {' '.join(argv)}")
+        measured[config] = json.loads(stdout.strip().splitlines()[-1]) | {"rss_mib": usage.ru_maxrss / 1024}
+        print(f"{config}: {measured[config]['wall_s']:.0f} s", flush=True)
+    peer = measured["peer-fp32"]
+    tasks = list(peer["scores"])
+    print(f"\n{len(tasks)} tasks x {args.steps} steps x batch {args.batch}, {args.threads} threads, "
+          f"SmolLM2-135M; eval on {args.eval} held-out examples per task; resource self max RSS "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (parent)")
+    head = ["config", "train s", "wall s", "tok/s", "train speed-up", "wall speed-up", "peak RSS MiB"] + tasks
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for config, m in measured.items():
+        lines.append("| " + " | ".join([config, f"{m['train_s']:.1f}", f"{m['wall_s']:.1f}",
+                                        f"{m['tokens'] / m['train_s']:.0f}", f"{peer['train_s'] / m['train_s']:.2f}x",
+                                        f"{peer['wall_s'] / m['wall_s']:.2f}x", f"{m['rss_mib']:.0f}"]
+                                       + [f"{m['scores'][t]:.3f}" for t in tasks]) + " |")
+    table = "\n".join(lines)
+    print(table)
+    (args.out / "table.md").write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
