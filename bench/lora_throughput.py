@@ -70,7 +70,7 @@ def tiny_base(folder: Path) -> Path:
 def base_folder(name: str, scratch: Path) -> Path:
     if name == "tiny":
         return tiny_base(scratch)
-    from mtft.train.base import resolve_base
+    from mtft.train import resolve_base
 
     return resolve_base(name)
 

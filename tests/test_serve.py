@@ -72,7 +72,7 @@ def test_served_answer_equals_offline_evaluation(client, stack, tiny_base):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mtft.train.evaluate import generate
+    from mtft.train import generate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     eos, chat_end = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
@@ -107,7 +107,7 @@ def test_concurrent_base_and_adapter_requests_each_get_their_own_answer(client):
 def hf_base_answers(tiny_base, prompts: list[str], max_new_tokens: int) -> list[str]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mtft.train.evaluate import generate
+    from mtft.train import generate
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
     model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)

@@ -214,7 +214,7 @@ def test_shared_adapter_exports_are_served_and_routed_like_any_adapter(client, s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mtft.registry import render_prompt
-    from mtft.train.evaluate import generate
+    from mtft.train import generate
     from serving import publish_copy
 
     shared = Registry(shared_trained[0] / "registry")
