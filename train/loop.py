@@ -1,7 +1,7 @@
 """The training loop of every recipe: optimizer steps, evaluations, checkpoints, exact resume, run-log rows.
 
 What differs between recipes is a step plan (`StepPlan`): which parameters train under which
-optimizer, which examples make up each step, how the rows' losses combine, and any state of its
+optimizer, which examples make up each step, how the examples' losses combine, and any state of its
 own. The loop owns the rest. A checkpoint holds the trainable tensors, every optimizer and
 schedule, the plan's state, the step and the RNG state, so a run killed at any point and resumed
 produces the same weights as one that was never interrupted.
@@ -70,9 +70,10 @@ class StepPlan(Protocol):
     def rows(self, grouped: list[tuple[str, int]]) -> AbstractContextManager:
         """Forwards inside see which task each run of batch rows belongs to."""
 
-    def objective(self, per_row: torch.Tensor, grouped: list[tuple[str, int]], counts: dict[str, int],
+    def objective(self, losses: torch.Tensor, grouped: list[tuple[str, int]], counts: dict[str, int],
                   first: bool) -> torch.Tensor:
-        """This forward's part of the step's loss; `counts` are the whole step's normalisers per task."""
+        """This forward's part of the step's loss from its examples' `losses` (grouped by task as in
+        `grouped`); `counts` are the whole step's normalisers per task."""
 
     def record(self, step: int, stats: dict[str, TaskStep]) -> dict:
         """Observe a finished step; returns what the plan adds to its log row."""
@@ -180,11 +181,11 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
         layout, row_runs = (_packed(items, grouped, t.max_length) if t.packing else (None, grouped))
         batch = {k: v.to(accelerator.device) for k, v in collate(items, setup.pad_id, layout).items()}
         with plan.rows(row_runs), accelerator.autocast():
-            per_row = answer_loss(plan.model, batch, plan.per_example)
-        accelerator.backward(plan.objective(per_row, grouped, counts, first=m == 0))
+            losses = answer_loss(plan.model, batch, plan.per_example)
+        accelerator.backward(plan.objective(losses, grouped, counts, first=m == 0))
         start = 0
         for task, count in grouped:
-            sums[task] += per_row[start:start + count].sum().item()
+            sums[task] += losses[start:start + count].sum().item()
             start += count
         tokens += int(batch["attention_mask"].sum())
     whole = sum(counts.values())

@@ -17,11 +17,11 @@ from .spec import TrainingSpec
 from .tasklora import TaskLoRA
 
 
-def own_means(per_row: torch.Tensor, grouped: list[tuple[str, int]], counts: dict[str, int]) -> torch.Tensor:
-    """Σ_t (task t's summed row losses / its answer tokens in the step): every adapter as if alone."""
-    loss, start = per_row.new_zeros(()), 0
+def own_means(losses: torch.Tensor, grouped: list[tuple[str, int]], counts: dict[str, int]) -> torch.Tensor:
+    """Σ_t (task t's summed example losses / its answer tokens in the step): every adapter as if alone."""
+    loss, start = losses.new_zeros(()), 0
     for task, count in grouped:
-        loss = loss + per_row[start:start + count].sum() / counts[task]
+        loss = loss + losses[start:start + count].sum() / counts[task]
         start += count
     return loss
 
@@ -37,8 +37,8 @@ class _PerTask:
         self.totals = {n: total_steps(len(v), t) for n, v in items.items()}
         self.total_steps = max(self.totals.values())
 
-    def objective(self, per_row, grouped, counts, first: bool) -> torch.Tensor:
-        return own_means(per_row, grouped, counts)
+    def objective(self, losses, grouped, counts, first: bool) -> torch.Tensor:
+        return own_means(losses, grouped, counts)
 
     def evaluations(self, step: int) -> None:
         return None

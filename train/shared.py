@@ -86,13 +86,13 @@ class SharedPlan:
             return {n: math.exp(-float(self.log_var.detach()[i])) for i, n in enumerate(self.tasks)}
         return dict.fromkeys(self.tasks, 1.0)
 
-    def objective(self, per_row, grouped, counts, first: bool) -> torch.Tensor:
+    def objective(self, losses, grouped, counts, first: bool) -> torch.Tensor:
         whole = sum(counts.values())
         weights = self.weights()
-        loss, start = per_row.new_zeros(()), 0
+        loss, start = losses.new_zeros(()), 0
         for task, count in grouped:
             w = torch.exp(-self.log_var[self.tasks.index(task)]) if self.uncertainty else weights[task]
-            loss = loss + w * per_row[start:start + count].sum() / whole
+            loss = loss + w * losses[start:start + count].sum() / whole
             start += count
         if first and self.uncertainty:  # r_t once per step, over the whole step's shares
             loss = loss + sum(counts[n] / whole * self.log_var[self.tasks.index(n)] for n in counts)
@@ -201,8 +201,8 @@ def _order_by(measure: str, items: dict[str, list[Tokenized]], lora: TaskLoRA, p
     for name in names:
         batch = {k: v.to(device) for k, v in collate(items[name][:32], pad_id).items()}
         with lora.task(name):  # adapters are zero at the start: this is the base model's loss
-            per_row = answer_loss(lora.model, batch)
-        losses[name] = float(per_row.sum() / (batch["labels"][:, 1:] >= 0).sum())
+            summed = answer_loss(lora.model, batch).sum()
+        losses[name] = float(summed / (batch["labels"][:, 1:] >= 0).sum())
     log.info("curriculum by base loss (easiest first): %s",
              {n: round(v, 3) for n, v in sorted(losses.items(), key=lambda x: x[1])})
     return sorted(names, key=losses.__getitem__)
