@@ -160,3 +160,18 @@ def test_extract_number(text, number):
 def test_bad_calls_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_the_bootstrap_interval_matches_the_binomial_spread_and_collapses_when_every_answer_is_right():
+    from mtft.train.metrics import bootstrap_interval
+
+    refs = ["yes"] * 100
+    half = ["yes"] * 50 + ["no"] * 50
+    low, high = bootstrap_interval("accuracy", half, refs)
+    # Binomial: 0.5 ± 1.96 · sqrt(0.25 / 100) = [0.402, 0.598]
+    assert low == pytest.approx(0.402, abs=0.025) and high == pytest.approx(0.598, abs=0.025)
+    assert bootstrap_interval("accuracy", refs, refs) == (1.0, 1.0)
+    wide = bootstrap_interval("accuracy", ["yes"] * 5 + ["no"] * 5, refs[:10])
+    assert wide[1] - wide[0] > high - low  # ten examples resolve less than a hundred
+    low_c, high_c = bootstrap_interval("chrf", ["the cat sat"] * 10 + ["a dog"] * 10, ["the cat sat"] * 20)
+    assert 0 < low_c < high_c < 1

@@ -273,3 +273,21 @@ def test_curriculum_orders_stages_by_size_or_by_zero_shot_loss(tiny_base, tmp_pa
         expected = sorted(losses, key=losses.__getitem__)
         assert set(expected) == {"yesno", "echo"} and losses[expected[0]] < losses[expected[1]]
     assert stage_tasks == expected * 2  # two rounds: task rotation
+
+
+def test_a_starved_task_is_warned_about_and_the_table_shows_each_tasks_share(tiny_base, tmp_path, caplog):
+    spec = load_spec(_spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "explicit",
+                                                                 "weights": {"yesno": 0.9, "echo": 0.1}}},
+                                max_steps=10, eval_every=None))
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
+    with caplog.at_level("WARNING", logger="mtft.train.multitask"):
+        results = train_shared(spec, options)
+    by_task = {r.task: r for r in results}
+    own = 10 * 4  # a per-task run: max_steps x batch_size examples
+    assert by_task["yesno"].seen + by_task["echo"].seen == 20 * 4
+    assert by_task["echo"].share == by_task["echo"].seen / own < 0.5 < by_task["yesno"].share
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and warned[0].startswith("echo trained on") and "its own adapter would see" in warned[0]
+    for r in results:
+        assert r.adapter_interval[0] <= r.adapter <= r.adapter_interval[1]
+    assert json.loads((options.output / "results.json").read_text())["tasks"]["echo"]["share"] == by_task["echo"].share

@@ -104,14 +104,19 @@ def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, 
 
 
 def format_results(results: list[TaskResult], label: str = "adapter") -> str:
-    """The final table; shared runs add the per-task adapters' scores where the registry has them."""
+    """The final table with 95 % intervals; shared runs add the per-task adapters' scores where the
+    registry has them and the examples each task trained on (share of its own run's)."""
     compare = any(r.separate is not None for r in results)
-    head = ("task", "metric", "base (zero-shot)") + (("per-task adapter",) if compare else ()) + (label, "gain", "version")
+    shared = any(r.seen is not None for r in results)
+    head = (("task", "metric", "base (zero-shot)") + (("per-task adapter",) if compare else ())
+            + (label, "95% interval", "gain", "version") + (("examples (share)",) if shared else ()))
     rows = [head]
     for r in results:
         separate = (f"{r.separate:.3f}" if r.separate is not None else "-",) if compare else ()
-        rows.append((r.task, r.metric, f"{r.base:.3f}", *separate, f"{r.adapter:.3f}", f"{r.adapter - r.base:+.3f}",
-                     f"v{r.version}"))
+        low, high = r.adapter_interval or (float("nan"), float("nan"))
+        seen = (f"{r.seen} ({r.share:.0%})",) if shared else ()
+        rows.append((r.task, r.metric, f"{r.base:.3f}", *separate, f"{r.adapter:.3f}", f"[{low:.3f}, {high:.3f}]",
+                     f"{r.adapter - r.base:+.3f}", f"v{r.version}", *seen))
     return _table(rows)
 
 

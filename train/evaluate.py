@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .data import Example
-from .metrics import score, score_examples
+from .metrics import bootstrap_interval, score, score_examples
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class Evaluation:
     score: float
     predictions: list[str]
     scores: list[float]  # per example, in the order of the examples
+    interval: tuple[float, float]  # bootstrap 95 % interval of `score`
 
     def save(self, path: Path, examples: list[Example]) -> None:
         """One JSON row per example: where it came from, input, prediction, reference, score."""
@@ -66,4 +67,5 @@ def evaluate(model, tokenizer, examples: list[Example], metric: str, labels: lis
     predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, end_ids, batch_size, desc)
     references = [e.target.strip() for e in examples]
     return Evaluation(score(metric, predictions, references, labels=labels), predictions,
-                      score_examples(metric, predictions, references, labels=labels))
+                      score_examples(metric, predictions, references, labels=labels),
+                      bootstrap_interval(metric, predictions, references, labels=labels))

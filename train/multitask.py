@@ -8,6 +8,7 @@ published like any adapter. Sequential shared runs also write `forgetting.txt`.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable
 
 import torch
@@ -16,12 +17,16 @@ from mtft.registry import BaseModelRef, Registry
 
 from . import loop
 from .batches import Tokenized
+from .loop import total_steps
 from .plans import LockstepPlan
 from .session import Checked, RunOptions, Session, TaskResult, check_run
 from .shared import SharedPlan, check_shared, forgetting_table, plan_stages
 from .spec import Spec, SpecError
 from .tasklora import TaskLoRA, peft_init
 
+log = logging.getLogger(__name__)
+
+LOW_SHARE = 0.5  # a task trained on less than this share of its own run's examples gets a warning
 PlanMaker = Callable[[Session, dict[str, list[Tokenized]], dict], "SharedPlan | LockstepPlan"]
 
 
@@ -32,7 +37,17 @@ def train_shared(spec: Spec, options: RunOptions) -> list[TaskResult]:
     if plan.history:
         (options.output / "forgetting.txt").write_text(
             forgetting_table(plan.history, {t.name: t.metric for t in session.tasks}))
-    results = [session.result(t, per_task_adapter(session.registry, t.name, session.base_ref)) for t in session.tasks]
+    t = spec.training
+    results = []
+    for task in session.tasks:
+        seen = plan.sampler.counts[task.name]
+        own = total_steps(len(plan.items[task.name]), t) * t.batch_size * t.grad_accum  # its own run's examples
+        if seen < LOW_SHARE * own:
+            log.warning("%s trained on %d examples, %.0f%% of the %d its own adapter would see: expect it to "
+                        "fall behind its per-task adapter; give it more weight (multitask.mixing) or more steps",
+                        task.name, seen, 100 * seen / own, own)
+        results.append(session.result(task, separate=per_task_adapter(session.registry, task.name, session.base_ref),
+                                      seen=seen, share=seen / own))
     return session.finish("shared", results, plan.ends[:-1])
 
 

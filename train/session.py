@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -44,6 +44,8 @@ class TaskState(BaseModel):
     base_score: float | None = None
     adapter_score: float | None = None
     version: int | None = None
+    base_interval: tuple[float, float] | None = None  # bootstrap 95 %
+    adapter_interval: tuple[float, float] | None = None
     config_hash: str | None = None  # of the training that made (or makes) this task's adapter
 
 
@@ -70,6 +72,10 @@ class TaskResult:
     adapter: float  # the published adapter (shared runs: this task's export)
     version: int
     separate: float | None = None  # shared runs: the newest per-task adapter's score, for comparison
+    base_interval: tuple[float, float] | None = None  # bootstrap 95 %
+    adapter_interval: tuple[float, float] | None = None
+    seen: int | None = None  # shared runs: examples trained on
+    share: float | None = None  # shared runs: `seen` / what the task's own run would train on
 
 
 @dataclass(frozen=True)
@@ -223,6 +229,8 @@ class Session:
         result = evaluate(model, self.tokenizer, examples, task.metric, task.labels, task.max_new_tokens,
                           self.end_ids(task), self.spec.training.eval_batch_size, f"eval {task.name} ({label})")
         result.save(self.options.output / "predictions" / task.name / f"{label}.jsonl", examples)
+        if label in ("base", "adapter"):  # the scores the final table and state.json keep
+            setattr(self.task_state(task.name), f"{label}_interval", result.interval)
         return result.score
 
     def score_base(self) -> None:
@@ -239,7 +247,7 @@ class Session:
             predictions = self.options.output / "predictions" / task.name / "base.jsonl"
             if cached.exists():
                 rows = [json.loads(line) for line in cached.read_text().splitlines()]
-                state.base_score = rows[0]["score"]
+                state.base_score, state.base_interval = rows[0]["score"], tuple(rows[0]["interval"])
                 predictions.parent.mkdir(parents=True, exist_ok=True)
                 predictions.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
                 how = f"cached in {cached}"
@@ -247,7 +255,8 @@ class Session:
                 state.base_score = self.score(self.model, task, "base")
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text(json.dumps({"score": state.base_score}) + "\n" + predictions.read_text())
+                head = {"score": state.base_score, "interval": state.base_interval}
+                tmp.write_text(json.dumps(head) + "\n" + predictions.read_text())
                 os.replace(tmp, cached)
                 how = "evaluated"
             self.save_state()
@@ -255,7 +264,7 @@ class Session:
 
     def _zero_shot_key(self, task: TaskSpec) -> str:
         examples = [(e.prompt, e.target) for e in self.checked.data[task.name].eval]
-        key = {"base": self.base_ref.fingerprint, "dtype": str(self.dtype), "end_ids": self.end_ids(task),
+        key = {"format": 2, "base": self.base_ref.fingerprint, "dtype": str(self.dtype), "end_ids": self.end_ids(task),
                "task": task.model_dump(mode="json", include={"metric", "labels", "max_new_tokens"}),
                "batch": self.spec.training.eval_batch_size, "examples": examples}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
@@ -284,15 +293,16 @@ class Session:
         state.version = self.registry.publish(adapter_dir, record).version
         self.save_state()
 
-    def result(self, task: TaskSpec, separate: float | None = None) -> TaskResult:
+    def result(self, task: TaskSpec, **shared) -> TaskResult:
+        """The task's final row; shared runs add `separate`, `seen` and `share`."""
         s = self.state.tasks[task.name]
-        return TaskResult(task.name, task.metric, s.base_score, s.adapter_score, s.version, separate)
+        return TaskResult(task.name, task.metric, s.base_score, s.adapter_score, s.version,
+                          base_interval=s.base_interval, adapter_interval=s.adapter_interval, **shared)
 
     def finish(self, mode: str, results: list[TaskResult], stage_ends: list[int] | None = None) -> list[TaskResult]:
         """`curves.png` from the run log and `results.json`: the run's final per-task scores."""
         plot(self.log.rows(), self.options.output / "curves.png", {t.name: t.metric for t in self.tasks}, stage_ends)
-        rows = {r.task: {"metric": r.metric, "base": r.base, "adapter": r.adapter, "version": r.version,
-                         **({"separate": r.separate} if r.separate is not None else {})} for r in results}
+        rows = {r.task: {k: v for k, v in asdict(r).items() if k != "task" and v is not None} for r in results}
         (self.options.output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
         return results
 
