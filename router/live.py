@@ -1,16 +1,19 @@
 """The live route table: hot-adding, replacing and withdrawing adapters while requests flow.
 
 Every change follows one path: validate (`mtft.registry.servable_problems`
-plus a prefix clash check) -> `POST /v1/load_lora_adapter` -> swap in a new
-immutable `RouteTable`. A replaced version is unloaded only once its
-in-flight requests are done, so a swap fails or mis-routes no request. A
-rejected adapter is logged and listed with its reasons; serving is untouched.
+plus a prefix clash check) -> load it on every backend where it will be served
+(`Pool.place_new`: all of them or none) -> swap in a new immutable `RouteTable`.
+So a version is live only once it is loaded wherever it is served, and an
+adapter one backend refuses never goes live (the old version keeps serving).
+A replaced version is unloaded, from every backend, only once its in-flight
+requests are done, so a swap fails or mis-routes no request. A rejected adapter
+is logged and listed with its reasons; serving is untouched.
 
-A background loop (every `poll_s`) compares the registry's signature (a few
-stat calls) and asks vLLM which adapters it holds: after vLLM restarts it has
-lost the runtime-loaded ones, and this loop loads them again. `synced` says
-whether the last poll reached vLLM; `/ready` answers from it. The registry
-alone knows its folder layout; this module only asks it.
+A background loop (every `poll_s`) checks the backends (`Pool.check`: health,
+and reloading a backend that lost its adapters before it takes traffic again),
+then compares the registry's signature (a few stat calls) and adds what is new.
+`synced` says the table was read and a backend is in rotation; `/ready` answers
+from it. The registry alone knows its folder layout; this module only asks it.
 """
 
 from __future__ import annotations
@@ -20,13 +23,16 @@ import logging
 import time
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
 from mtft.registry import TASK_NAME, AdapterRecord, Registry, servable_problems
 
+from .backends import Refused
 from .config import RouterConfig
 from .errors import APIError, Unavailable
+from .pool import Pool
 from .table import Route, RouteTable
 
 log = logging.getLogger(__name__)
@@ -43,22 +49,31 @@ class Rejection:
 class LiveTable:
     def __init__(self, config: RouterConfig, client: httpx.AsyncClient):
         self.config = config
-        self.client = client
         self.registry = Registry(config.registry)
         self.table = RouteTable(
             base_names=frozenset({"base", config.base_name, config.base_model}),
             base_target=config.base_adapter or config.base_model,
             default=config.default,
         )
-        self.synced = False
+        self.pool = Pool(config, client)
+        self.pool.pinned = frozenset({config.base_adapter} - {None})
+        self.scanned = False
         self.rejected: dict[tuple[str, int], Rejection] = {}
         self.withdrawn: dict[str, int] = {}
         self.inflight: Counter[str] = Counter()
         self.retiring: set[str] = set()
-        self.wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._signature: tuple | None = None
         self._background: set[asyncio.Task] = set()  # unloads in progress
+
+    @property
+    def synced(self) -> bool:
+        """The registry was read and at least one backend is in rotation."""
+        return self.scanned and bool(self.pool.healthy)
+
+    @property
+    def wake(self) -> asyncio.Event:
+        return self.pool.wake
 
     # -- requests -------------------------------------------------------------------------
     def acquire(self, route: Route) -> None:
@@ -95,22 +110,21 @@ class LiveTable:
                 log.warning("rejected %s/v%d: %s", task, version, "; ".join(problems))
                 raise APIError(422, f"adapter {task}/v{version} rejected: " + "; ".join(problems),
                                "adapter_rejected", "task")
+            old = self.table.current.get(task)
             try:
-                await self._load(record)
-            except Unavailable:
-                raise
-            except APIError as exc:
-                self.rejected[(task, version)] = Rejection(task, version, [exc.message], time.time())
-                log.warning("rejected %s/v%d: %s", task, version, exc.message)
-                raise APIError(422, f"adapter {task}/v{version} rejected: {exc.message}", "adapter_rejected",
-                               "task") from exc
+                where = await self.pool.place_new(record.name, self._folder(record), old.name if old else None,
+                                                  task in self.config.pin)
+            except Refused as exc:
+                self.rejected[(task, version)] = Rejection(task, version, [str(exc)], time.time())
+                log.warning("rejected %s/v%d: %s", task, version, exc)
+                raise APIError(422, f"adapter {task}/v{version} rejected: {exc}", "adapter_rejected", "task") from exc
             self.rejected.pop((task, version), None)
             self.withdrawn.pop(task, None)
-            old = self.table.current.get(task)
-            self.table = self.table.with_adapter(record)
+            self._swap(self.table.with_adapter(record))
             if old is not None and old.name != record.name:
                 self._retire(old.name)
-            log.info("serving %s as %s (route table has %d tasks)", task, record.name, len(self.table.current))
+            log.info("serving %s as %s on %s (route table has %d tasks)", task, record.name, where,
+                     len(self.table.current))
             return record
 
     async def remove(self, task: str) -> AdapterRecord:
@@ -119,48 +133,45 @@ class LiveTable:
             record = self.table.current.get(task)
             if record is None:
                 raise APIError(404, f"task {task!r} is not served; served: {self.table.tasks}", "unknown_task", "task")
-            self.table = self.table.without_task(task)
+            self._swap(self.table.without_task(task))
             self.withdrawn[task] = record.version
             self._retire(record.name)
             log.info("withdrew %s (%s)", task, record.name)
             return record
+
+    def _swap(self, table: RouteTable) -> None:
+        """One reference swap; the pinned set follows the pinned tasks' current versions."""
+        self.table = table
+        pinned = {table.current[t].name for t in self.config.pin if t in table.current}
+        self.pool.pinned = frozenset(pinned | {self.config.base_adapter} - {None})
 
     def _retire(self, name: str) -> None:
         self.retiring.add(name)
         if not self.inflight[name]:
             self._spawn(self._unload(name))
 
-    async def _load(self, record: AdapterRecord) -> None:
-        path = self.registry.version_dir(record.task, record.version).resolve()
-        response = await self._post("/v1/load_lora_adapter", {"lora_name": record.name, "lora_path": str(path)})
-        if response.status_code == 200 or (response.status_code == 400 and record.name in await self._held()):
-            return  # 400 with the name listed: preloaded by mtft-serve (--lora-modules)
-        raise APIError(502, f"vLLM refused {record.name}: {response.text[:500]}", "upstream_refused")
+    def _folder(self, record: AdapterRecord) -> Path:
+        return self.registry.version_dir(record.task, record.version).resolve()
 
-    async def _held(self) -> set[str]:
-        """The adapter (and base) names vLLM serves now."""
-        try:
-            response = await self.client.get(self.config.upstream + "/v1/models", timeout=5.0)
-            response.raise_for_status()
-        except httpx.HTTPError as exc:
-            raise Unavailable(f"vLLM is unreachable: {exc!r}", self.config.retry_after_s) from exc
-        return {model["id"] for model in response.json()["data"]}
+    def path_of(self, name: str) -> Path | None:
+        """The folder vLLM loads adapter `name` from: a served version, or the zero adapter."""
+        if name == self.config.base_adapter:
+            return self.config.base_adapter_path
+        record = next((r for r in self.table.current.values() if r.name == name), None)
+        return self._folder(record) if record is not None else None
+
+    def wanted(self) -> list[str]:
+        """The adapters served now, most used first: what a backend that (re)joins loads."""
+        names = [r.name for r in self.table.current.values()]
+        if self.config.base_adapter:
+            names.append(self.config.base_adapter)
+        return sorted(names, key=lambda n: (-self.pool.uses[n], n))
 
     async def _unload(self, name: str) -> None:
         if self.inflight[name] or name not in self.retiring:
             return
         self.retiring.discard(name)
-        try:
-            response = await self._post("/v1/unload_lora_adapter", {"lora_name": name})
-            log.info("unloaded %s (vLLM answered %d)", name, response.status_code)
-        except Unavailable:
-            log.info("vLLM unreachable; %s is gone with it", name)
-
-    async def _post(self, path: str, body: dict[str, object]) -> httpx.Response:
-        try:
-            return await self.client.post(self.config.upstream + path, json=body)
-        except httpx.TransportError as exc:
-            raise Unavailable(f"vLLM is unreachable: {exc!r}", self.config.retry_after_s) from exc
+        await self.pool.unload_everywhere(name)
 
     def _spawn(self, coroutine) -> None:
         job = asyncio.get_running_loop().create_task(coroutine)
@@ -174,7 +185,6 @@ class LiveTable:
                 await self.sync()
             except Exception:  # the loop must outlive any one bad poll
                 log.exception("sync failed")
-                self.synced = False
             try:
                 await asyncio.wait_for(self.wake.wait(), self.config.poll_s)
             except TimeoutError:
@@ -182,27 +192,23 @@ class LiveTable:
             self.wake.clear()
 
     async def sync(self) -> None:
-        """One poll: reload what a restarted vLLM lost, then pick up registry changes."""
-        try:
-            held = await self._held()
-        except Unavailable as exc:
-            if self.synced:
-                log.warning("%s; requests get 503 until it is back", exc.message)
-            self.synced = False
+        """One poll: check the backends (reloading one that lost its adapters), then pick up registry changes."""
+        await self.pool.check(self.wanted(), self.path_of)
+        if not self.pool.healthy:
+            if self.scanned:
+                log.warning("no backend in rotation; requests get 503 until one is back")
             return
-        for record in list(self.table.current.values()):
-            if record.name not in held:
-                log.info("vLLM lacks %s (restarted?); loading it again", record.name)
-                await self._load(record)
         signature = self.registry.signature()
-        if signature != self._signature:
-            await self._scan()
+        if signature != self._signature and await self._scan():
             self._signature = signature
-        if not self.synced:
-            log.info("ready: %d tasks %s", len(self.table.current), self.table.tasks)
-        self.synced = True
+        if not self.scanned:
+            log.info("ready: %d tasks %s on %d of %d backends", len(self.table.current), self.table.tasks,
+                     len(self.pool.healthy), len(self.pool.backends))
+        self.scanned = True
 
-    async def _scan(self) -> None:
+    async def _scan(self) -> bool:
+        """Add what is new, remove what vanished; False if a backend was away (try again next poll)."""
+        complete = True
         on_disk = self.registry.tasks()
         for task in on_disk:
             newest = self.registry.newest_version(task)
@@ -213,11 +219,15 @@ class LiveTable:
                 continue
             try:
                 await self.add(task, newest)
+            except Unavailable as exc:
+                log.warning("cannot add %s/v%d now: %s", task, newest, exc.message)
+                complete = False
             except APIError:
                 pass  # logged and listed by add()
         for task in set(self.table.current) - set(on_disk):
             log.info("task %s vanished from the registry", task)
             await self.remove(task)
+        return complete
 
     def status(self) -> dict[str, object]:
         return {
@@ -227,4 +237,5 @@ class LiveTable:
             "rejected": [{"task": r.task, "version": r.version, "reasons": r.reasons, "at": r.at}
                          for r in self.rejected.values()],
             "withdrawn": self.withdrawn,
+            "backends": self.pool.status(),
         }

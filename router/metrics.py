@@ -1,13 +1,20 @@
-"""Per-task Prometheus request metrics: what vLLM cannot tell, since it sees adapter names, not tasks.
+"""Prometheus metrics: per task what vLLM cannot tell (it sees adapter names, not tasks), and per backend.
 
 (Not the records' evaluation `metrics`: these count requests, tokens and latency.)
 One `CollectorRegistry` per app (no process-global collectors), so two
-routers in one test process do not collide.
+routers in one test process do not collide. Backend metrics are read from the
+pool at scrape time and labelled by backend URL only, so their label set stays
+as small as the pool however many adapters are served.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .pool import Pool
 
 UNROUTED = "-"
 
@@ -38,3 +45,30 @@ class RequestMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class BackendMetrics:
+    """A collector: each backend's health, requests in flight and served, adapters loaded and slots."""
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        gauges = {
+            "healthy": GaugeMetricFamily("mtft_backend_healthy", "1 while the backend is in rotation", labels=["backend"]),
+            "inflight": GaugeMetricFamily("mtft_backend_inflight", "Requests in flight there", labels=["backend"]),
+            "adapters": GaugeMetricFamily("mtft_backend_adapters", "Adapters the router has loaded there",
+                                          labels=["backend"]),
+            "slots": GaugeMetricFamily("mtft_backend_slots", "Adapters the router keeps there at most",
+                                       labels=["backend"]),
+        }
+        served = CounterMetricFamily("mtft_backend_requests", "Requests placed there", labels=["backend"])
+        for b in self.pool.backends:
+            for name, value in (("healthy", b.healthy), ("inflight", b.inflight), ("adapters", len(b.loaded)),
+                                ("slots", b.slots)):
+                gauges[name].add_metric([b.url], float(value))
+            served.add_metric([b.url], b.served)
+        yield from gauges.values()
+        yield served
+        yield CounterMetricFamily("mtft_retries", "Requests sent again to another backend after one failed them",
+                                  value=self.pool.retried)

@@ -1,12 +1,14 @@
 """`mtft-serve`: the whole serving stack from one command; flags override an optional YAML file.
 
 Every `ServeConfig` field is a flag of the same name (`--poll-s`, `--base-workaround/
---no-base-workaround`; `vllm_args` is the repeatable `--vllm-arg`), its help the
-field's description, its default the model's: the options are declared once, there.
+--no-base-workaround`; `vllm_args` is the repeatable `--vllm-arg`, `backends` the repeatable
+`--backend`), its help the field's description, its default the model's: the options are
+declared once, there.
 
 Ready when `GET http://HOST:PORT/ready` answers 200 (also logged as
 "ready at ..." and written to `<state-dir>/ready.json`). Ctrl-C or SIGTERM
-stops the router and vLLM with their process groups.
+stops the router and the vLLM children with their process groups. With
+`--vllm-only` there is no router: one vLLM backend listens on HOST:PORT.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from .stack import ServeError, Stack
 
 app = typer.Typer(add_completion=False)
 # A repeatable option is named for one value: `--vllm-arg A --vllm-arg B` fills `vllm_args`.
-FLAG_NAMES = {"vllm_args": "--vllm-arg"}
+FLAG_NAMES = {"vllm_args": "--vllm-arg", "backends": "--backend"}
 CONFIG_FILE = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Path | None,
                                 default=typer.Option(None, help="YAML file with any of the options below; flags win"))
 

@@ -1,15 +1,14 @@
-"""The serving stack: a vLLM child on loopback sized from the registry, then the router child.
+"""The serving stack's processes: N vLLM children on loopback, then the router in front of them.
 
-`plan()` reads the registry and decides everything vLLM is started with, the
-serving plan (a pure step, tested alone); `router_config()` adds what the
-router needs to know about that vLLM to the options passed on. `Stack` owns
-the two processes: starts vLLM and waits for `/v1/models`, writes the
-router's config and starts it, waits for `/ready`, restarts vLLM if it dies
-(the router reloads the adapters it loaded at runtime), and on stop
-terminates each child's whole process group. Children also get SIGTERM if
-this process dies (PR_SET_PDEATHSIG), so nothing is orphaned.
+`Stack` owns the processes: it starts every vLLM child at once (each on a free port with its own
+cores, `plan.cpu_binds`) and waits for their `/v1/models`, checks each `--backend` started
+elsewhere, writes the router's config (`plan.router_config`) and starts it, waits for `/ready`,
+restarts a child that dies (the router takes it out of rotation and reloads its adapters before
+it takes traffic again), and on stop terminates each child's whole process group. Children also
+get SIGTERM if this process dies (PR_SET_PDEATHSIG), so nothing is orphaned. With `--vllm-only`
+it runs one vLLM backend on the public address and no router.
 
-Of the router, this module uses only its config model (`mtft.router.config`):
+Of the router, this package uses only its config model (`mtft.router.config`):
 the router is a child started from a file, and the file's schema is the
 router's own. The router imports nothing from here.
 """
@@ -26,113 +25,49 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from mtft.registry import SERVABLE_MODULES, SERVABLE_RANKS, AdapterRecord, Registry, fingerprint, servable_problems
-from mtft.router.config import RouterConfig, RouterOptions
-
 from .config import ServeConfig
-from .vllm_plugin import applies
+from .plan import ServeError, cpu_binds, plan, router_config, vllm_command
 from .zero import ZERO_ADAPTER, write_zero_adapter
 
 log = logging.getLogger(__name__)
+PROBE = "mtft-probe-no-such-adapter"
 
 
-class ServeError(Exception):
-    """The stack cannot start: no base model, vLLM failed, a port is taken."""
+@dataclass
+class Child:
+    """One vLLM process this stack runs, restarted in place when it dies."""
+
+    index: int
+    host: str
+    port: int
+    cpus: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    restarting: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}"
+
+    @property
+    def log_name(self) -> str:
+        return "vllm.log" if self.index == 0 else f"vllm-{self.index}.log"
 
 
-@dataclass(frozen=True)
-class ServingPlan:
-    """What vLLM is started with, decided from the registry before it starts."""
-
-    base_dir: Path
-    base_name: str
-    base_fingerprint: str
-    adapters: list[AdapterRecord]
-    rejected: dict[str, list[str]]
-    max_rank: int
-    max_loras: int
-    max_cpu_loras: int
-    zero_modules: list[str] = field(default_factory=list)
-
-
-def plan(config: ServeConfig) -> ServingPlan:
-    registry = Registry(config.registry)
-    newest = registry.latest()
-    if config.base_model is not None:
-        base_dir, base_name = config.base_model.resolve(), str(config.base_model)
-    elif newest:
-        record = max(newest.values(), key=lambda r: r.created or 0)
-        base_dir, base_name = Path(record.base_model.path), record.base_model.name
-    else:
-        raise ServeError(f"registry {config.registry} has no adapters: pass --base-model to serve the base alone")
-    base_fingerprint = fingerprint(base_dir)
-    adapters, rejected = [], {}
-    for task, record in newest.items():
-        checked, problems = servable_problems(registry, task, record.version, base_fingerprint, config.max_lora_rank)
-        if problems:
-            rejected[record.name] = problems
-            log.warning("not serving %s: %s", record.name, "; ".join(problems))
-        else:
-            adapters.append(checked)
-    needed = max((a.rank for a in adapters), default=16)
-    max_rank = config.max_lora_rank or min(r for r in SERVABLE_RANKS if r >= needed)
-    if max_rank not in SERVABLE_RANKS:
-        raise ServeError(f"--max-lora-rank {max_rank} is not one vLLM allows: {list(SERVABLE_RANKS)}")
-    # Slots: every task, the zero adapter, and one more so a version swap never waits for a slot.
-    max_loras = config.max_loras or len(adapters) + 2
-    modules = sorted({m for a in adapters for m in a.target_modules}) or list(SERVABLE_MODULES)
-    return ServingPlan(base_dir, base_name, base_fingerprint, adapters, rejected, max_rank, max_loras,
-                config.max_cpu_loras or 2 * max_loras, modules if _zero_adapter_needed(config) else [])
-
-
-def _zero_adapter_needed(config: ServeConfig) -> bool:
-    """With mtft's CPU LoRA ops the mixing bug is gone and base traffic skips the LoRA path."""
-    if config.base_workaround is not None:
-        return config.base_workaround
-    return not applies()
-
-
-def vllm_command(config: ServeConfig, plan: ServingPlan, port: int,
-                 zero_dir: Path | None) -> tuple[list[str], dict[str, str]]:
-    registry = Registry(config.registry)
-    modules = [f"{a.name}={registry.version_dir(a.task, a.version).resolve()}" for a in plan.adapters]
-    if zero_dir is not None:
-        modules.append(f"{ZERO_ADAPTER}={zero_dir}")
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(plan.base_dir),
-            "--host", "127.0.0.1", "--port", str(port), "--dtype", config.dtype,
-            "--enable-lora", "--max-lora-rank", str(plan.max_rank), "--max-loras", str(plan.max_loras),
-            "--max-cpu-loras", str(plan.max_cpu_loras), "--uvicorn-log-level", "warning"]
-    if modules:
-        argv += ["--lora-modules", *modules]
-    if config.max_model_len:
-        argv += ["--max-model-len", str(config.max_model_len)]
-    env = {**os.environ,
-           # Runtime adapter loading is "for local development only" in vLLM: this is
-           # why vLLM listens on 127.0.0.1 and only the router is public.
-           "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
-           "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
-           "VLLM_CPU_OMP_THREADS_BIND": config.vllm_cpus}
-    return argv + config.vllm_args, env
-
-
-def router_config(config: ServeConfig, plan: ServingPlan, upstream: str, zero_dir: Path | None) -> RouterConfig:
-    """The router's options as given to mtft-serve, and what the vLLM at `upstream` was started with."""
-    options = config.model_dump(include=set(RouterOptions.model_fields))
-    return RouterConfig(**{**options, "registry": config.registry.resolve()}, upstream=upstream,
-                        base_model=str(plan.base_dir), base_name=plan.base_name,
-                        base_fingerprint=plan.base_fingerprint, max_rank=plan.max_rank,
-                        base_adapter=ZERO_ADAPTER if zero_dir else None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(taken: set[int] | None = None) -> int:
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in (taken or set()):
+            return port
 
 
 def _die_with_parent() -> None:
@@ -146,8 +81,9 @@ class Stack:
         self.config = config
         self.state_dir = Path(config.state_dir or tempfile.mkdtemp(prefix="mtft-serve-"))
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.vllm: subprocess.Popen | None = None
+        self.children: list[Child] = []
         self.router: subprocess.Popen | None = None
+        self.backends: list[str] = []
         self.stopping = False
 
     def start(self) -> None:
@@ -158,91 +94,197 @@ class Stack:
         if self.plan.zero_modules:
             zero_dir = write_zero_adapter(self.plan.base_dir, self.plan.zero_modules, self.plan.max_rank,
                                           self.state_dir / ZERO_ADAPTER)
-        self.vllm_port = self.config.vllm_port or free_port()
-        self.vllm_argv, self.vllm_env = vllm_command(self.config, self.plan, self.vllm_port, zero_dir)
-        self.vllm_startup_s = self._start_vllm()
-        routing = router_config(self.config, self.plan, self.upstream, zero_dir)
+        self.children = self._children(zero_dir)
+        for child in self.children:
+            self._start_child(child)
+        for child in self.children:
+            self._wait(child.url + "/v1/models", child.process, "vLLM", child.log_name)
+        self.vllm_startup_s = time.monotonic() - started
+        if self.config.vllm_only:
+            if self.config.host not in ("127.0.0.1", "localhost", "::1"):
+                log.warning("vLLM's adapter load/unload routes are open on %s:%d: keep it on a network only the "
+                            "router reaches", self.config.host, self.config.port)
+            self._ready(started)
+            return
+        self.backends = [c.url for c in self.children] + self._external_backends()
+        routing = router_config(self.config, self.plan, self.backends, zero_dir)
         (self.state_dir / "router.json").write_text(routing.model_dump_json(indent=2))
         self.router = self._spawn([sys.executable, "-m", "mtft.router", str(self.state_dir / "router.json")],
                                   dict(os.environ), "router.log")
-        self._wait(f"http://{self._client_host()}:{self.config.port}/ready", self.router, "router")
-        self.startup_s = time.monotonic() - started
-        self._write_state({
-            "url": self.url, "vllm_pid": self.vllm.pid, "vllm_port": self.vllm_port,
-            "router_pid": self.router.pid, "vllm_startup_s": round(self.vllm_startup_s, 1),
-            "startup_s": round(self.startup_s, 1), "tasks": [a.task for a in self.plan.adapters],
-            "rejected": self.plan.rejected})
-        log.info("ready at %s in %.1f s (vLLM %.1f s); tasks %s; logs in %s", self.url, self.startup_s,
-                 self.vllm_startup_s, [a.task for a in self.plan.adapters], self.state_dir)
+        self._wait(f"{self.url}/ready", self.router, "router", "router.log")
+        self._ready(started)
 
-    @property
-    def upstream(self) -> str:
-        return f"http://127.0.0.1:{self.vllm_port}"
+    def _children(self, zero_dir: Path | None) -> list[Child]:
+        if self.config.vllm_only:
+            places = [(self.config.host, self.config.port, self.config.vllm_cpus)]
+        else:
+            binds = cpu_binds(self.config.vllm_cpus, self.config.replicas, sorted(os.sched_getaffinity(0)))
+            taken = {self.config.port}
+            places = []
+            for i, cpus in enumerate(binds):
+                port = self.config.vllm_port + i if self.config.vllm_port else free_port(taken)
+                taken.add(port)
+                places.append(("127.0.0.1", port, cpus))
+        children = []
+        for i, (host, port, cpus) in enumerate(places):
+            argv, env = vllm_command(self.config, self.plan, port, zero_dir, cpus, host)
+            children.append(Child(i, host, port, cpus, argv, env))
+        return children
+
+    def _external_backends(self) -> list[str]:
+        """Every --backend; fails if none answers and no child runs, warns about each that does not answer."""
+        urls = [url.rstrip("/") for url in self.config.backends]
+        problems = self._probe(urls)
+        answering = [url for url in urls if url not in problems]
+        if problems and not answering and not self.children:
+            raise ServeError("no backend answered within {:.0f} s: {}".format(
+                self.config.backend_timeout_s, "; ".join(f"{url}: {why}" for url, why in problems.items())))
+        if problems:
+            serving = [c.url for c in self.children] + answering
+            log.warning("degraded start: serving on %s; out of rotation until it answers: %s", serving,
+                        "; ".join(f"{url} ({why})" for url, why in problems.items()))
+        return urls
+
+    def _probe(self, urls: list[str]) -> dict[str, str]:
+        """Why each backend that is not usable is not, waiting up to backend_timeout_s for those that do not answer."""
+        deadline = time.monotonic() + self.config.backend_timeout_s
+        problems = {url: "not checked" for url in urls}
+        while True:
+            for url in [u for u, why in problems.items() if why.startswith(("not checked", "no answer"))]:
+                why = _backend_problem(url, str(self.plan.base_dir))
+                if why is None:
+                    del problems[url]
+                else:
+                    problems[url] = why
+            waiting = [u for u, why in problems.items() if why.startswith("no answer")]
+            if not waiting or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        wrong = {url: why for url, why in problems.items() if not why.startswith("no answer")}
+        if wrong:  # it answers, so it is running misconfigured: say so now, not after hours of 503s
+            raise ServeError("; ".join(f"--backend {url}: {why}" for url, why in wrong.items()))
+        return problems
+
+    def _ready(self, started: float) -> None:
+        self.startup_s = time.monotonic() - started
+        self._write_state()
+        tasks = [a.task for a in self.plan.adapters]
+        if self.config.vllm_only:
+            log.info("vLLM backend ready at %s in %.1f s, sized for tasks %s; point a router at it with --backend %s",
+                     self.children[0].url, self.startup_s, tasks, self.children[0].url)
+        else:
+            log.info("ready at %s in %.1f s (vLLM %.1f s); tasks %s on %d backends; logs in %s", self.url,
+                     self.startup_s, self.vllm_startup_s, tasks, len(self.backends), self.state_dir)
 
     @property
     def url(self) -> str:
-        return f"http://{self._client_host()}:{self.config.port}"
+        host = "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
+        return f"http://{host}:{self.config.port}"
 
-    def _client_host(self) -> str:
-        return "127.0.0.1" if self.config.host in ("0.0.0.0", "::") else self.config.host
-
-    def _start_vllm(self) -> float:
-        started = time.monotonic()
-        log.info("starting vLLM on %s (rank cap %d, %d slots, KV cache %g GiB, cpus %s)", self.upstream,
-                 self.plan.max_rank, self.plan.max_loras, self.config.kv_cache_gib, self.config.vllm_cpus)
-        self.vllm = self._spawn(self.vllm_argv, self.vllm_env, "vllm.log")
-        self._wait(self.upstream + "/v1/models", self.vllm, "vLLM")
-        return time.monotonic() - started
+    def _start_child(self, child: Child) -> None:
+        log.info("starting vLLM %d on %s (rank cap %d, %d slots, KV cache %g GiB, cpus %s)", child.index, child.url,
+                 self.plan.max_rank, self.plan.max_loras, self.config.kv_cache_gib, child.cpus)
+        child.process = self._spawn(child.argv, child.env, child.log_name)
+        child.started = time.monotonic()
 
     def _spawn(self, argv: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen:
         output = open(self.state_dir / log_name, "ab")
         return subprocess.Popen(argv, env=env, stdout=output, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
 
-    def _wait(self, url: str, process: subprocess.Popen, what: str) -> None:
+    def _wait(self, url: str, process: subprocess.Popen, what: str, log_name: str) -> None:
         deadline = time.monotonic() + self.config.startup_timeout_s
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ServeError(f"{what} exited with {process.returncode} while starting; see "
-                                 f"{self.state_dir}/{'vllm' if what == 'vLLM' else 'router'}.log")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
+                                 f"{self.state_dir}/{log_name}")
+            if _answers(url, 2.0):
+                return
             time.sleep(0.5)
         raise ServeError(f"{what} did not answer {url} within {self.config.startup_timeout_s:.0f} s")
 
     def supervise(self) -> int:
-        """Block until stopped; restart vLLM when it dies. Returns an exit code."""
+        """Block until stopped; restart a vLLM child that dies. Returns an exit code."""
         while not self.stopping:
             time.sleep(0.5)
-            if self.router.poll() is not None:
+            if self.router is not None and self.router.poll() is not None:
                 log.error("the router exited with %s; stopping", self.router.returncode)
                 return 1
-            if self.vllm.poll() is not None and not self.stopping:
-                if not self.config.restart_vllm:
-                    log.error("vLLM exited with %s; stopping", self.vllm.returncode)
-                    return 1
-                log.warning("vLLM exited with %s; restarting it (the router answers 503 meanwhile)",
-                            self.vllm.returncode)
-                _stop_group(self.vllm)  # its engine process may outlive it
-                log.info("vLLM back after %.1f s", self._start_vllm())
-                self._write_state({**self._state(), "vllm_pid": self.vllm.pid})
+            for child in self.children:
+                if self.stopping:
+                    break
+                if child.process.poll() is not None:
+                    if not self.config.restart_vllm:
+                        log.error("vLLM %d exited with %s; stopping", child.index, child.process.returncode)
+                        return 1
+                    log.warning("vLLM %d exited with %s; restarting it (out of rotation meanwhile)", child.index,
+                                child.process.returncode)
+                    _stop_group(child.process)  # its engine process may outlive it
+                    self._start_child(child)
+                    child.restarting = True
+                    self._write_state()
+                elif child.restarting and _answers(child.url + "/v1/models", 0.5):
+                    child.restarting = False
+                    log.info("vLLM %d back after %.1f s", child.index, time.monotonic() - child.started)
         return 0
 
-    def _state(self) -> dict:
-        return json.loads((self.state_dir / "ready.json").read_text())
-
-    def _write_state(self, state: dict) -> None:
+    def _write_state(self) -> None:
         """ready.json: the running stack's URL, pids, ports and tasks; written once it is ready."""
-        (self.state_dir / "ready.json").write_text(json.dumps(state, indent=2))
+        first = self.children[0] if self.children else None
+        state = {
+            "url": self.children[0].url if self.config.vllm_only else self.url,
+            "router_pid": self.router.pid if self.router else None,
+            "vllm_pid": first.process.pid if first else None, "vllm_port": first.port if first else None,
+            "replicas": [{"url": c.url, "pid": c.process.pid, "cpus": c.cpus} for c in self.children],
+            "backends": self.backends, "vllm_startup_s": round(self.vllm_startup_s, 1),
+            "startup_s": round(self.startup_s, 1), "tasks": [a.task for a in self.plan.adapters],
+            "rejected": self.plan.rejected}
+        staged = self.state_dir / "ready.json.tmp"
+        staged.write_text(json.dumps(state, indent=2))
+        staged.rename(self.state_dir / "ready.json")  # readers never see half a file
 
     def stop(self) -> None:
         self.stopping = True
-        for process in (self.router, self.vllm):
+        for process in [self.router, *(c.process for c in self.children)]:
             if process is not None:
                 _stop_group(process)
+
+
+def _answers(url: str, timeout_s: float) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _backend_problem(url: str, base_model: str) -> str | None:
+    """Why the vLLM at `url` cannot be a backend ("no answer ..." while it may still come), or None."""
+    try:
+        if httpx.get(url + "/health", timeout=2.0).status_code != 200:
+            return "no answer yet: /health is not 200"
+        models = [m["id"] for m in httpx.get(url + "/v1/models", timeout=2.0).json()["data"]]
+        # With runtime loading on, unloading an unknown adapter is vLLM's own 404 error body;
+        # with it off the route does not exist (a framework 404 without one).
+        probe = httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": PROBE}, timeout=2.0)
+        runtime_loading = probe.status_code != 404 or "error" in _json_object(probe)
+    except httpx.HTTPError as exc:
+        return f"no answer: {exc!r}"
+    except (ValueError, KeyError, TypeError) as exc:
+        return f"does not answer like vLLM: {exc!r}"
+    if base_model not in models:
+        return f"serves {models}, not the base model {base_model} (start it with --model {base_model})"
+    if not runtime_loading:
+        return ("runtime LoRA loading is off: start it with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+                "(mtft-serve --vllm-only does)")
+    return None
+
+
+def _json_object(response: httpx.Response) -> dict:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _stop_group(process: subprocess.Popen, grace_s: float = 15.0) -> None:

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,8 @@ class RunningStack:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.state_dir.glob("*.log")))
 
 
-def start_stack(registry: Path, state_dir: Path, port: int, *flags: str) -> RunningStack:
+def launch_stack(registry: Path, state_dir: Path, port: int, *flags: str) -> RunningStack:
+    """`mtft-serve` started, not waited for (see `wait_started`)."""
     env = {**os.environ, "MTFT_API_KEYS": f"{API_KEY},{LIMITED_KEY}=yesno", "MTFT_ADMIN_KEY": ADMIN_KEY,
            # vLLM's own CPU LoRA ops, not mtft's plugin (issue 5): here the zero adapter alone must
            # keep base answers right, and the mixing bug it works around must stay visible.
@@ -75,14 +77,70 @@ def start_stack(registry: Path, state_dir: Path, port: int, *flags: str) -> Runn
             "--vllm-arg=--max-model-len=256", "--vllm-arg=--seed=0", *flags]
     log = open(state_dir / "serve.log", "ab")
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    stack = RunningStack(f"http://127.0.0.1:{port}", registry, state_dir, process)
-    deadline = time.monotonic() + 600
-    while not (state_dir / "ready.json").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
+    return RunningStack(f"http://127.0.0.1:{port}", registry, state_dir, process)
+
+
+def wait_started(stack: RunningStack, timeout_s: float = 600.0) -> RunningStack:
+    deadline = time.monotonic() + timeout_s
+    while not (stack.state_dir / "ready.json").exists():
+        if stack.process.poll() is not None or time.monotonic() > deadline:
             stop_stack(stack)
             raise RuntimeError(f"mtft-serve did not start\n{stack.logs()}")
         time.sleep(0.25)
     return stack
+
+
+def answer(client: openai.OpenAI, model: str, text: str, **options) -> tuple[str, str]:
+    """(the completion's text, the adapter that answered) for one request."""
+    raw = client.completions.with_raw_response.create(model=model, prompt=text, **options)
+    return raw.parse().choices[0].text, raw.headers["x-mtft-adapter"]
+
+
+class Background:
+    """Threads running `_run(arg)` for each of `args` while a `with` block lasts."""
+
+    def __init__(self, args: list):
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(arg,)) for arg in args]
+
+    def _run(self, arg) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join()
+
+
+class Load(Background):
+    """Background clients sending requests for fixed (model, text) jobs; every answer is recorded.
+
+    Bounded: each thread stops after `limit` requests, or when the block ends.
+    """
+
+    def __init__(self, client: openai.OpenAI, jobs: list[tuple[str, str]], threads: int = 4,
+                 limit: int | None = None, pause_s: float = 0.0):
+        self.client, self.jobs, self.limit, self.pause_s = client, jobs, limit, pause_s
+        self.answers: list[tuple[tuple[str, str], str, str]] = []
+        self.failures: list[Exception] = []
+        super().__init__(list(range(threads)))
+
+    def _run(self, offset: int) -> None:
+        for i in range(offset, offset + (self.limit or 1 << 62)):
+            if self.stopping.is_set():
+                return
+            job = self.jobs[i % len(self.jobs)]
+            try:
+                text, adapter = answer(self.client, *job)
+                self.answers.append((job, text, adapter))
+            except Exception as exc:  # every failure counts; none is expected
+                self.failures.append(exc)
+            time.sleep(self.pause_s)
 
 
 def stop_stack(stack: RunningStack) -> None:
@@ -111,7 +169,7 @@ def stack_session(trained, tmp_path_factory) -> RunningStack:
     _, options, _ = trained
     registry = tmp_path_factory.mktemp("serve") / "registry"
     shutil.copytree(options.registry, registry)
-    stack = start_stack(registry, tmp_path_factory.mktemp("serve-state"), free_port())
+    stack = wait_started(launch_stack(registry, tmp_path_factory.mktemp("serve-state"), free_port()))
     yield stack
     pids = [stack.state()["vllm_pid"], stack.state()["router_pid"]]
     stop_stack(stack)

@@ -1,7 +1,8 @@
 """The router's HTTP app against a fake vLLM: a request in flight is counted out exactly once.
 
 The router is the real app on a real port; only vLLM is replaced, by a small Starlette
-app that streams slowly enough for a client to hang up half-way. Fast: no model runs.
+app (tests/fake_vllm.py) that streams slowly enough for a client to hang up half-way.
+Fast: no model runs.
 """
 
 from __future__ import annotations
@@ -10,90 +11,31 @@ import asyncio
 import contextlib
 import gc
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
-from starlette.routing import Route as Endpoint
+from fake_vllm import CHUNKS, app, publish_zero, serve_in_thread, wait_for
 
-from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, fingerprint
+from mtft.registry import Registry
 from mtft.router import RouterConfig, create_app
 from mtft.router.config import Keys
 from mtft.router.inference import InFlight
 from mtft.router.live import LiveTable
 from mtft.router.metrics import RequestMetrics
 from mtft.router.table import Route
-from mtft.serve import write_zero_adapter
 from mtft.serve.stack import free_port
 
 ADMIN = "admin-key"
-CHUNKS = 20  # the fake vLLM's stream: 20 chunks, 50 ms apart, then usage and [DONE]
-
-
-def fake_vllm(base: str) -> Starlette:
-    held: set[str] = set()
-
-    async def models(_request: Request) -> JSONResponse:
-        return JSONResponse({"data": [{"id": name} for name in (base, *sorted(held))]})
-
-    async def load(request: Request) -> JSONResponse:
-        held.add((await request.json())["lora_name"])
-        return JSONResponse({})
-
-    async def unload(request: Request) -> JSONResponse:
-        held.discard((await request.json())["lora_name"])
-        return JSONResponse({})
-
-    async def completions(request: Request):
-        body = await request.json()
-        usage = {"prompt_tokens": 3, "completion_tokens": CHUNKS, "total_tokens": CHUNKS + 3}
-        if not body.get("stream"):
-            return JSONResponse({"id": "cmpl-1", "model": body["model"], "usage": usage,
-                                 "choices": [{"index": 0, "text": "x" * CHUNKS, "finish_reason": "length"}]})
-
-        async def lines():
-            for _ in range(CHUNKS):
-                await asyncio.sleep(0.05)
-                chunk = {"id": "cmpl-1", "model": body["model"], "choices": [{"index": 0, "text": "x"}]}
-                yield f"data: {json.dumps(chunk)}\n\n"
-            yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(lines(), media_type="text/event-stream")
-
-    return Starlette(routes=[Endpoint("/v1/models", models), Endpoint("/v1/load_lora_adapter", load, methods=["POST"]),
-                             Endpoint("/v1/unload_lora_adapter", unload, methods=["POST"]),
-                             Endpoint("/v1/completions", completions, methods=["POST"])])
-
-
-@contextlib.contextmanager
-def serve_in_thread(app, port: int) -> Iterator[None]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    yield
-    server.should_exit = True
-    thread.join(10)
 
 
 @pytest.fixture(scope="module")
 def registry(tiny_base: Path, tmp_path_factory) -> Registry:
     """One servable adapter, `yesno-v1` (zero weights: the fake vLLM never reads them)."""
-    folder = write_zero_adapter(tiny_base, ["q_proj"], 8, tmp_path_factory.mktemp("adapter"))
     registry = Registry(tmp_path_factory.mktemp("router-app") / "registry")
-    base = BaseModelRef(name="tiny", path=str(tiny_base), fingerprint=fingerprint(tiny_base))
-    registry.publish(folder, AdapterRecord(task="yesno", prefix="yesno: ", base_model=base, rank=8, alpha=8,
-                                           target_modules=["q_proj"], metric="accuracy", max_new_tokens=4,
-                                           template=PromptTemplate(input="{text}", target="{label}")))
+    publish_zero(registry, tiny_base)
     return registry
 
 
@@ -101,7 +43,7 @@ def registry(tiny_base: Path, tmp_path_factory) -> Registry:
 def config(registry: Registry) -> Iterator[RouterConfig]:
     """The router's config, with the fake vLLM it names running."""
     vllm_port = free_port()
-    with serve_in_thread(fake_vllm("tiny"), vllm_port):
+    with serve_in_thread(app("tiny"), vllm_port):
         yield RouterConfig(registry=registry.root, upstream=f"http://127.0.0.1:{vllm_port}", base_model="tiny",
                            base_name="tiny", base_fingerprint=registry.latest()["yesno"].base_model.fingerprint,
                            max_rank=8, poll_s=0.2, port=free_port())
@@ -125,13 +67,6 @@ def counted(url: str, status: str = "200") -> float:
         if line.startswith("mtft_requests_total{") and f'status="{status}"' in line and '"yesno-v1"' in line:
             return float(line.rsplit(" ", 1)[1])
     return 0.0
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
 
 
 def test_closing_a_request_in_flight_again_changes_nothing(config, registry):

@@ -6,23 +6,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from collections import Counter
 
 import openai
 import pytest
+from serving import Load, answer
 
 from mtft.registry import RECORD_FILE, Registry, checksum
 
 pytest_plugins = ["serving"]
 pytestmark = pytest.mark.slow
 TEXTS = ["the quick brown fox", "hello world paris", "a lazy dog jumps"]
-
-
-def answer(client: openai.OpenAI, model: str, text: str) -> tuple[str, str]:
-    raw = client.completions.with_raw_response.create(model=model, prompt=text)
-    return raw.parse().choices[0].text, raw.headers["x-mtft-adapter"]
 
 
 def wait_until_served(client: openai.OpenAI, task: str, adapter: str, timeout_s: float = 30.0) -> float:
@@ -36,38 +31,6 @@ def wait_until_served(client: openai.OpenAI, task: str, adapter: str, timeout_s:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{task} was not served by {adapter} within {timeout_s} s")
-
-
-class Load:
-    """Background clients sending requests for fixed (model, text) jobs; every answer is recorded."""
-
-    def __init__(self, client: openai.OpenAI, jobs: list[tuple[str, str]], threads: int = 4):
-        self.client, self.jobs = client, jobs
-        self.answers: list[tuple[tuple[str, str], str, str]] = []
-        self.failures: list[Exception] = []
-        self.stopping = threading.Event()
-        self.threads = [threading.Thread(target=self._run, args=(i,)) for i in range(threads)]
-
-    def _run(self, offset: int) -> None:
-        i = offset
-        while not self.stopping.is_set():
-            job = self.jobs[i % len(self.jobs)]
-            i += 1
-            try:
-                text, adapter = answer(self.client, *job)
-                self.answers.append((job, text, adapter))
-            except Exception as exc:  # every failure counts; none is expected
-                self.failures.append(exc)
-
-    def __enter__(self) -> Load:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join()
 
 
 def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_request(client, stack):

@@ -11,7 +11,16 @@ import pytest
 import torch
 
 from mtft.registry import Registry, adapter_config_problems
-from mtft.serve import ZERO_ADAPTER, ServeConfig, ServeError, plan, router_config, vllm_command, write_zero_adapter
+from mtft.serve import (
+    ZERO_ADAPTER,
+    ServeConfig,
+    ServeError,
+    cpu_binds,
+    plan,
+    router_config,
+    vllm_command,
+    write_zero_adapter,
+)
 from mtft.serve.config import ServeConfigError, load_config
 
 
@@ -20,11 +29,13 @@ def test_plan_sizes_vllm_from_the_registry(trained):
     chosen = plan(ServeConfig(registry=options.registry))
     assert sorted(a.name for a in chosen.adapters) == ["echo-v1", "yesno-v1"]
     assert (chosen.max_rank, chosen.max_loras, chosen.max_cpu_loras) == (8, 4, 8)  # tasks + zero + a swap
-    argv, env = vllm_command(ServeConfig(registry=options.registry, kv_cache_gib=0.5, vllm_cpus="0",
-                                         vllm_args=["--seed", "0"]), chosen, 8100, None)
+    argv, env = vllm_command(ServeConfig(registry=options.registry, kv_cache_gib=0.5, vllm_args=["--seed", "0"]),
+                             chosen, 8100, Path("zero"), "0")
     assert argv[argv.index("--max-lora-rank") + 1] == "8"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # runtime LoRA loading must stay off the network
-    assert any(a.startswith("yesno-v1=") for a in argv) and argv[-2:] == ["--seed", "0"]
+    # Only the zero adapter is preloaded: the router places the task adapters on the backends it chooses.
+    assert argv[argv.index("--lora-modules") + 1:][:1] == [f"{ZERO_ADAPTER}=zero"] and argv[-2:] == ["--seed", "0"]
+    assert not any(a.startswith("yesno-v1=") for a in argv)
     assert (env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"], env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_CPU_OMP_THREADS_BIND"]) == (
         "True", "0.5", "0")
 
@@ -104,14 +115,48 @@ def test_the_router_config_passes_the_options_on_and_names_the_vllm_it_fronts(tr
     _, options, _ = trained
     config = ServeConfig(registry=options.registry, default="yesno", port=9001, poll_s=0.5, max_body_bytes=1000)
     chosen = plan(config)
-    routing = router_config(config, chosen, "http://127.0.0.1:8100", None)
+    routing = router_config(config, chosen, ["http://127.0.0.1:8100", "http://10.0.0.2:8000"], None)
     assert (routing.default, routing.port, routing.poll_s, routing.max_body_bytes) == ("yesno", 9001, 0.5, 1000)
     assert routing.registry == options.registry.resolve() and routing.registry.is_absolute()
-    assert (routing.upstream, routing.base_fingerprint, routing.max_rank) == (
-        "http://127.0.0.1:8100", chosen.base_fingerprint, 8)
+    assert (routing.backends, routing.base_fingerprint, routing.max_rank, routing.slots) == (
+        ["http://127.0.0.1:8100", "http://10.0.0.2:8000"], chosen.base_fingerprint, 8, chosen.max_cpu_loras)
     assert routing.base_adapter is None
-    assert router_config(config, chosen, "http://x", Path("zero")).base_adapter == ZERO_ADAPTER
+    with_zero = router_config(config, chosen, ["http://x"], Path("zero"))
+    assert (with_zero.base_adapter, with_zero.base_adapter_path) == (ZERO_ADAPTER, Path("zero"))
     assert RouterConfig.model_validate_json(routing.model_dump_json()) == routing  # what router.json holds
+    # A config written for one backend still reads.
+    old = {**routing.model_dump(mode="json", exclude={"backends"}), "upstream": "http://127.0.0.1:8100"}
+    assert RouterConfig.model_validate(old).backends == ["http://127.0.0.1:8100"]
+
+
+@pytest.mark.parametrize(("setting", "replicas", "cores", "expected"), [
+    ("auto", 0, [0, 1], []),                # --backend only
+    ("auto", 1, [0, 1], ["auto"]),          # vLLM picks, as before
+    ("auto", 2, [0, 1], ["0", "1"]),        # one core each on 2 cores
+    ("auto", 2, [0, 1, 2, 3, 4], ["0,1", "2,3"]),
+    ("auto", 3, [0, 1], ["0", "1", "0"]),   # more replicas than cores: they share
+    ("nobind", 2, [0, 1], ["nobind", "nobind"]),
+    ("0-3;4-7", 2, [0], ["0-3", "4-7"]),
+    ("0-3", 1, [0], ["0-3"]),
+])
+def test_cores_are_split_between_replicas(setting, replicas, cores, expected):
+    assert cpu_binds(setting, replicas, cores) == expected
+
+
+def test_one_core_list_for_two_replicas_is_refused():
+    with pytest.raises(ServeError, match=r"1 core list\(s\) for 2 replicas: give one per replica separated by ';'"):
+        cpu_binds("0-3", 2, [0, 1])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"replicas": 0}, "--replicas 0 needs at least one --backend"),
+    ({"vllm_only": True, "backends": ["http://x"]}, "--vllm-only .* takes no --backend"),
+    ({"vllm_only": True, "replicas": 2}, "--vllm-only starts one backend"),
+    ({"replicas": -1}, "replicas: Input should be greater than or equal to 0"),
+])
+def test_where_to_serve_is_checked_with_the_options(tmp_path, options, message):
+    with pytest.raises(ServeConfigError, match=message):
+        load_config(None, {"registry": tmp_path, **options})
 
 
 def invoke_serve(*args: str):
@@ -131,7 +176,8 @@ def invoke_serve(*args: str):
 def test_every_config_field_is_a_flag_whose_help_is_its_description():
     shown = " ".join(invoke_serve("--help").output.split())
     for flag in ("--registry", "--config", "--poll-s", "--vllm-arg", "--base-workaround", "--no-base-workaround",
-                 "--restart-vllm", "--no-restart-vllm", "--max-model-len", "--upstream-timeout-s"):
+                 "--restart-vllm", "--no-restart-vllm", "--max-model-len", "--upstream-timeout-s", "--replicas",
+                 "--backend", "--vllm-only", "--pin", "--copies", "--spill-inflight"):
         assert flag in shown
     assert "the router's port; default: 8000" in shown
     assert ServeConfig.model_fields["base_model"].description in shown
