@@ -39,7 +39,9 @@ def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI):
     config: RouterConfig = app.state.config
     timeout = httpx.Timeout(config.upstream_timeout_s, connect=2.0)
-    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+    # Idle connections are dropped before vLLM's uvicorn drops them (its keep-alive is 5 s):
+    # a request sent on one it just closed would fail, and fail its backend out of rotation.
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         app.state.client = client
         app.state.live = LiveTable(config, client)

@@ -67,6 +67,9 @@ class ServeConfig(RouterOptions):
 
     @model_validator(mode="after")
     def _somewhere_to_serve(self) -> ServeConfig:
+        if self.kv_cache_gib != int(self.kv_cache_gib):
+            raise ValueError(f"--kv-cache-gib {self.kv_cache_gib:g}: vLLM's CPU build takes whole GiB "
+                             "(VLLM_CPU_KVCACHE_SPACE); use 1, 2, ...")
         if self.vllm_only and self.backends:
             raise ValueError("--vllm-only starts one backend for a router elsewhere: it takes no --backend")
         if self.vllm_only and self.replicas != 1:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+# Helper modules test modules import by name: their asserts are rewritten too.
+pytest.register_assert_rewrite("serving", "fake_vllm")
 # Offline by default; setdefault so a developer can still override them for a one-off run.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -29,7 +29,7 @@ def test_plan_sizes_vllm_from_the_registry(trained):
     chosen = plan(ServeConfig(registry=options.registry))
     assert sorted(a.name for a in chosen.adapters) == ["echo-v1", "yesno-v1"]
     assert (chosen.max_rank, chosen.max_loras, chosen.max_cpu_loras) == (8, 4, 8)  # tasks + zero + a swap
-    argv, env = vllm_command(ServeConfig(registry=options.registry, kv_cache_gib=0.5, vllm_args=["--seed", "0"]),
+    argv, env = vllm_command(ServeConfig(registry=options.registry, kv_cache_gib=2, vllm_args=["--seed", "0"]),
                              chosen, 8100, Path("zero"), "0")
     assert argv[argv.index("--max-lora-rank") + 1] == "8"
     assert argv[argv.index("--host") + 1] == "127.0.0.1"  # runtime LoRA loading must stay off the network
@@ -37,7 +37,7 @@ def test_plan_sizes_vllm_from_the_registry(trained):
     assert argv[argv.index("--lora-modules") + 1:][:1] == [f"{ZERO_ADAPTER}=zero"] and argv[-2:] == ["--seed", "0"]
     assert not any(a.startswith("yesno-v1=") for a in argv)
     assert (env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"], env["VLLM_CPU_KVCACHE_SPACE"], env["VLLM_CPU_OMP_THREADS_BIND"]) == (
-        "True", "0.5", "0")
+        "True", "2", "0")
 
 
 def test_plan_leaves_out_adapters_that_cannot_be_served(trained, tmp_path):
@@ -153,6 +153,7 @@ def test_one_core_list_for_two_replicas_is_refused():
     ({"vllm_only": True, "backends": ["http://x"]}, "--vllm-only .* takes no --backend"),
     ({"vllm_only": True, "replicas": 2}, "--vllm-only starts one backend"),
     ({"replicas": -1}, "replicas: Input should be greater than or equal to 0"),
+    ({"kv_cache_gib": 0.5}, r"--kv-cache-gib 0.5: vLLM's CPU build takes whole GiB"),
 ])
 def test_where_to_serve_is_checked_with_the_options(tmp_path, options, message):
     with pytest.raises(ServeConfigError, match=message):
