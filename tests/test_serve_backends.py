@@ -74,9 +74,10 @@ def test_a_backend_that_never_answers_gives_a_degraded_start_that_says_which_and
                    if line.startswith("mtft_backend_healthy{")}
         assert healthy == {fake.url: "1.0", dead: "0.0"}
     finally:
-        os.kill(process.pid, signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
         fake.kill()
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
     degraded = next(line for line in output.splitlines() if "degraded start" in line)
     assert fake.url in degraded and f"{dead} (no answer: ConnectError" in degraded
