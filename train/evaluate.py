@@ -22,7 +22,13 @@ class Evaluation:
     score: float
     predictions: list[str]
     scores: list[float]  # per example, in the order of the examples
-    interval: tuple[float, float]  # bootstrap 95 % interval of `score`
+    references: list[str]
+    metric: str
+    labels: list[str] | None
+
+    def interval(self) -> tuple[float, float]:
+        """Bootstrap 95 % interval of `score`; on demand: corpus metrics recompute it 200 times."""
+        return bootstrap_interval(self.metric, self.predictions, self.references, labels=self.labels)
 
     def save(self, path: Path, examples: list[Example]) -> None:
         """One JSON row per example: where it came from, input, prediction, reference, score."""
@@ -67,5 +73,4 @@ def evaluate(model, tokenizer, examples: list[Example], metric: str, labels: lis
     predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, end_ids, batch_size, desc)
     references = [e.target.strip() for e in examples]
     return Evaluation(score(metric, predictions, references, labels=labels), predictions,
-                      score_examples(metric, predictions, references, labels=labels),
-                      bootstrap_interval(metric, predictions, references, labels=labels))
+                      score_examples(metric, predictions, references, labels=labels), references, metric, labels)

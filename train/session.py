@@ -229,8 +229,11 @@ class Session:
         result = evaluate(model, self.tokenizer, examples, task.metric, task.labels, task.max_new_tokens,
                           self.end_ids(task), self.spec.training.eval_batch_size, f"eval {task.name} ({label})")
         result.save(self.options.output / "predictions" / task.name / f"{label}.jsonl", examples)
-        if label in ("base", "adapter"):  # the scores the final table and state.json keep
-            setattr(self.task_state(task.name), f"{label}_interval", result.interval)
+        # The final table and state.json keep intervals of these two; evaluations during training skip it.
+        if label == "base":
+            self.task_state(task.name).base_interval = result.interval()
+        elif label == "adapter":
+            self.task_state(task.name).adapter_interval = result.interval()
         return result.score
 
     def score_base(self) -> None:
