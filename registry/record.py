@@ -9,6 +9,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .rollout import Gate
 from .template import PromptTemplate
 
 RECORD_FILE = "mtft.json"
@@ -43,6 +44,8 @@ class AdapterRecord(BaseModel):
         default_factory=dict, description="'base' (zero-shot) and 'adapter' scores on the eval split"
     )
     eval_examples: int = 0
+    eval_hash: str = Field(default="", description="sha256 over the eval split's prompts and targets")
+    gate: Gate | None = Field(default=None, description="the publish gate's verdict; None: no gate was set")
     max_new_tokens: int
     stop: list[str] = Field(default_factory=list, description="stop strings used in evaluation")
     checksum: str = ""
@@ -57,6 +60,11 @@ class AdapterRecord(BaseModel):
                 f"task name {value!r} must be lowercase letters, digits, '-' or '_' (at most 64)"
             )
         return value
+
+    @property
+    def rejected(self) -> bool:
+        """Failed its publish gate: never served unless a user forces it (`registry pin --force`)."""
+        return self.gate is not None and not self.gate.passed
 
     @property
     def name(self) -> str:

@@ -1,6 +1,7 @@
 """The adapter registry on disk: atomic, versioned publishing and reading.
 
-Layout: `<root>/<task>/v<N>/{adapter_config.json, adapter_model.safetensors, mtft.json}`.
+Layout: `<root>/<task>/v<N>/{adapter_config.json, adapter_model.safetensors, mtft.json}`
+and `<root>/<task>/rollout.json` (pins, canary, forced versions: see `rollout.py`).
 A version folder appears whole or not at all (written under `<root>/.staging`,
 then renamed), and is never rewritten: a retrain becomes `v<N+1>`. Only this
 class knows the layout: serving and routing ask it for tasks, versions, the
@@ -9,6 +10,7 @@ class knows the layout: serving and routing ask it for tasks, versions, the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -16,12 +18,15 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, checksum
+from .rollout import ROLLOUT_FILE, Rollout, Serving
 from .servable import adapter_config_problems
 
 log = logging.getLogger(__name__)
@@ -166,6 +171,101 @@ class Registry:
                 except RegistryError as exc:
                     log.warning("skipping %s", exc)
         return out
+
+
+    # -- rollouts ---------------------------------------------------------------------------
+    def rollout(self, task: str) -> Rollout:
+        path = self.root / task / ROLLOUT_FILE
+        try:
+            return Rollout.model_validate_json(path.read_text())
+        except FileNotFoundError:
+            return Rollout()
+        except (OSError, ValidationError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in exc.errors())
+            raise RegistryError(f"cannot read {path} ({why}); fix or delete it (then the newest good version serves)") from exc
+
+    def update_rollout(self, task: str, change: Callable[[Rollout], Rollout]) -> Rollout:
+        """Read, change and atomically rewrite a task's rollout state; one writer at a time per task."""
+        if not self.versions(task):
+            raise RegistryError(f"registry {self.root} has no task {task!r}; tasks: {self.tasks()}")
+        task_dir = self.root / task
+        with _locked(task_dir):
+            new = change(self.rollout(task))
+            staged = task_dir / f".{ROLLOUT_FILE}.{uuid.uuid4().hex}"
+            try:
+                _write_synced(staged, new.model_dump_json(indent=2))
+                os.replace(staged, task_dir / ROLLOUT_FILE)
+            except OSError as exc:
+                staged.unlink(missing_ok=True)
+                raise RegistryError(f"cannot write {task_dir / ROLLOUT_FILE} ({exc.strerror}); nothing changed") from exc
+        return new
+
+    def good(self, record: AdapterRecord, rollout: Rollout | None = None) -> bool:
+        """Passed its gate (or had none), or a user forced it through."""
+        rollout = rollout if rollout is not None else self.rollout(record.task)
+        return not record.rejected or record.version in rollout.allowed
+
+    def serving(self, task: str) -> Serving:
+        """The version to serve (the pin, else the newest readable good one) and the canary beside it."""
+        rollout = self.rollout(task)
+        readable = {}
+        for version in self.versions(task):
+            try:
+                readable[version] = self.read(task, version)
+            except RegistryError as exc:
+                log.warning("skipping %s", exc)
+        good = [v for v, r in readable.items() if self.good(r, rollout)]
+        if rollout.pin is not None and rollout.pin in readable:
+            primary, pinned = rollout.pin, True
+        else:
+            primary, pinned = max(good, default=None), False
+        canary = rollout.canary
+        if canary is not None and (canary.version not in readable or canary.version == primary):
+            canary = None
+        return Serving(primary=primary, canary=canary, pinned=pinned)
+
+    def served(self) -> dict[str, AdapterRecord]:
+        """The record each task serves now (see `serving`); tasks with nothing servable are left out."""
+        found = {}
+        for task in self.tasks():
+            try:
+                version = self.serving(task).primary
+            except RegistryError as exc:
+                log.warning("skipping task %s: %s", task, exc)
+                continue
+            if version is not None:
+                found[task] = self.read(task, version)
+        return found
+
+    def remove(self, task: str, version: int | None = None) -> list[int]:
+        """Delete one version (or the whole task); atomic: renamed out of sight first, then deleted."""
+        versions = self.versions(task)
+        gone = versions if version is None else [version]
+        if not versions or (version is not None and version not in versions):
+            raise RegistryError(f"registry {self.root} has no {task}" + (f"/v{version}" if version else "")
+                                + f"; versions of {task!r}: {versions}")
+        source = self.root / task if version is None else self.version_dir(task, version)
+        trash = self.root / STAGING / f"removed-{task}-{uuid.uuid4().hex}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(source, trash)
+        except OSError as exc:
+            raise RegistryError(f"cannot remove {source} ({exc.strerror}); nothing changed") from exc
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("removed %s %s", task, [f"v{v}" for v in gone])
+        return gone
+
+
+@contextmanager
+def _locked(folder: Path):
+    """An exclusive advisory lock on `folder/.lock`: read-modify-write of rollout.json, one at a time."""
+    with (folder / ".lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _version_number(name: str) -> int | None:

@@ -9,10 +9,15 @@ model; (b) the `X-Task` header; (c) the text starts with a task prefix, the
 longest one winning; (d) the configured default (a task or the base model);
 otherwise `NotFound` listing the tasks. Prefix lookup probes one dict per
 distinct prefix length, so it costs the same with 3 tasks or 3,000.
+
+A task with a canary sends a fixed share of its requests to a second version,
+chosen by a stable hash of the request's key (the `user` field, else the API
+key, else the text): the same client keeps getting the same version.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -27,6 +32,18 @@ Match = Literal["model", "version", "header", "prefix", "default", "base"]
 
 
 @dataclass(frozen=True)
+class Split:
+    """A canary: `record` answers `percent` % of its task's requests."""
+
+    record: AdapterRecord
+    percent: float
+
+    def takes(self, key: str | None) -> bool:
+        digest = hashlib.blake2b((key or "").encode(), digest_size=8, person=b"mtft-canary").digest()
+        return int.from_bytes(digest, "big") / 2**64 * 100 < self.percent
+
+
+@dataclass(frozen=True)
 class RouteTable:
     current: Mapping[str, AdapterRecord] = field(default_factory=dict)
     """task -> the adapter version serving it now."""
@@ -36,12 +53,16 @@ class RouteTable:
     """the vLLM model that answers base traffic (the zero adapter, or the base itself)."""
     default: str | None = None
     """a task name or 'base', used when nothing else matches."""
+    canaries: Mapping[str, Split] = field(default_factory=dict)
+    """task -> a second version answering a share of its requests."""
     prefixes: Mapping[str, str] = field(default_factory=dict, init=False)
     prefix_lengths: tuple[int, ...] = field(default=(), init=False)
 
     def __post_init__(self):
         prefixes = {record.prefix: task for task, record in self.current.items()}
         object.__setattr__(self, "current", MappingProxyType(dict(self.current)))
+        object.__setattr__(self, "canaries", MappingProxyType(
+            {t: c for t, c in self.canaries.items() if t in self.current and c.record.name != self.current[t].name}))
         object.__setattr__(self, "prefixes", MappingProxyType(prefixes))
         object.__setattr__(self, "prefix_lengths", tuple(sorted({len(p) for p in prefixes}, reverse=True)))
 
@@ -55,12 +76,26 @@ class RouteTable:
         return owner if owner not in (None, record.task) else None
 
     def with_adapter(self, record: AdapterRecord) -> RouteTable:
-        """A new table where `record` serves its task (replacing any older version)."""
+        """A new table where `record` serves its task (replacing any other version; a promoted canary
+        stops being one)."""
         return replace(self, current={**self.current, record.task: record})
 
+    def with_canary(self, task: str, split: Split | None) -> RouteTable:
+        canaries = {t: c for t, c in self.canaries.items() if t != task}
+        return replace(self, canaries=canaries | ({task: split} if split else {}))
+
     def without_task(self, task: str) -> RouteTable:
-        """No new request reaches the task's adapter; in-flight ones finish on it."""
+        """No new request reaches the task's adapters; in-flight ones finish on them."""
         return replace(self, current={t: r for t, r in self.current.items() if t != task})
+
+    def records(self) -> list[AdapterRecord]:
+        """Every version that answers requests: the served ones and the canaries."""
+        return [*self.current.values(), *(c.record for c in self.canaries.values())]
+
+    def answering(self, task: str, key: str | None) -> AdapterRecord:
+        """The version of a served task that answers a request with this key."""
+        split = self.canaries.get(task)
+        return split.record if split is not None and split.takes(key) else self.current[task]
 
 
 @dataclass(frozen=True)
@@ -70,6 +105,8 @@ class RouteRequest:
     model: str | None = None
     task_header: str | None = None
     text: str | None = None
+    key: str | None = None
+    """what keeps a client on one side of a canary split; None: the text."""
 
 
 @dataclass(frozen=True)
@@ -101,36 +138,40 @@ def route(request: RouteRequest, table: RouteTable) -> Route:
     model = request.model
     if model:
         if model in table.current:
-            return _task_route("model", table.current[model], request.text)
+            return _task_route("model", table, model, request)
         if "@" in model:
-            # A pin only matches the version served now: a client that pinned v1
-            # gets a 404 after v2 replaces it, never a silently different answer.
+            # A pin only matches a version served now (or a canary): a client that pinned
+            # v1 gets a 404 after v2 replaces it, never a silently different answer.
             task, _, version = model.partition("@")
-            record = table.current.get(task)
-            if record is None or version != f"v{record.version}":
+            record = next((r for r in table.records() if r.task == task and version == f"v{r.version}"), None)
+            if record is None:
                 raise NotFound(f"model {model!r} names no served adapter version", table, "model")
-            return _task_route("version", record, request.text)
+            return Route("version", record.name, record, _strip(record, request.text))
         if model in table.base_names:
             return Route("base", table.base_target)
     if request.task_header:
         record = table.current.get(request.task_header)
         if record is None:
             raise NotFound(f"X-Task header names unknown task {request.task_header!r}", table, None)
-        return _task_route("header", record, request.text)
+        return _task_route("header", table, record.task, request)
     if request.text:
         for length in table.prefix_lengths:
             task = table.prefixes.get(request.text[:length])
             if task is not None:
-                return _task_route("prefix", table.current[task], request.text)
+                return _task_route("prefix", table, task, request)
     if table.default == BASE:
         return Route("default", table.base_target)
     if table.default in table.current:
-        return _task_route("default", table.current[table.default], request.text)
+        return _task_route("default", table, table.default, request)
     raise NotFound(f"no task matches model {model!r}, the X-Task header or a task prefix", table, "model")
 
 
-def _task_route(matched: Match, record: AdapterRecord, text: str | None) -> Route:
+def _task_route(matched: Match, table: RouteTable, task: str, request: RouteRequest) -> Route:
+    key = request.key if request.key is not None else request.text
+    record = table.answering(task, key)
+    return Route(matched, record.name, record, _strip(record, request.text))
+
+
+def _strip(record: AdapterRecord, text: str | None) -> str:
     text = text or ""
-    if text.startswith(record.prefix):
-        text = text[len(record.prefix):]
-    return Route(matched, record.name, record, text)
+    return text[len(record.prefix):] if text.startswith(record.prefix) else text

@@ -68,7 +68,7 @@ def main() -> None:
     if args.wait_for:
         print(f"hot-added task {args.wait_for!r} answering {wait_for(client, args.wait_for, args.timeout):.1f} s "
               "after we started waiting")
-    records = Registry(args.registry).latest()
+    records = Registry(args.registry).served()
     served = [m.id for m in client.models.list().data if m.id in records]
     rows, correct = [], 0
     asked = {"prefix": "completion", "model": "chat", "stream": "chat, streamed"}

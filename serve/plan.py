@@ -48,7 +48,7 @@ class ServingPlan:
 
 def plan(config: ServeConfig) -> ServingPlan:
     registry = Registry(config.registry)
-    newest = registry.latest()
+    newest = registry.served()  # the pinned or newest good version of each task
     if config.base_model is not None:
         base_dir, base_name = config.base_model.resolve(), str(config.base_model)
     elif newest:
