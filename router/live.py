@@ -27,13 +27,14 @@ from pathlib import Path
 
 import httpx
 
-from mtft.registry import TASK_NAME, AdapterRecord, Registry, servable_problems
+from mtft.registry import TASK_NAME, AdapterRecord, Registry, RegistryError, servable_problems
+from mtft.registry.rollout import Canary, Rollout
 
 from .backends import Refused
 from .config import RouterConfig
 from .errors import APIError, Unavailable
 from .pool import Pool
-from .table import Route, RouteTable
+from .table import Route, RouteTable, Split
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class LiveTable:
         self.scanned = False
         self.rejected: dict[tuple[str, int], Rejection] = {}
         self.withdrawn: dict[str, int] = {}
+        self._rollouts: dict[str, Rollout] = {}  # as last read, per task
         self.inflight: Counter[str] = Counter()
         self.retiring: set[str] = set()
         self._lock = asyncio.Lock()
@@ -90,42 +92,70 @@ class LiveTable:
 
     # -- changes --------------------------------------------------------------------------
     async def add(self, task: str, version: int | None = None) -> AdapterRecord:
-        """Validate, load and route one registry version (the newest by default); raise if refused."""
-        if not TASK_NAME.match(task):
-            raise APIError(400, f"task {task!r} is not a task name", "invalid_task", "task")
-        versions = self.registry.versions(task)
-        version = version if version is not None else self.registry.newest_version(task)
-        if version is None or version not in versions:
-            raise APIError(404, f"registry {self.registry.root} has no {task}/v{version}", "unknown_adapter", "task")
+        """Validate, load and route one registry version (the one the registry says serves); raise if refused."""
         async with self._lock:
-            # In a thread: the checksum reads every adapter byte, and requests must keep flowing.
-            record, problems = await asyncio.to_thread(
-                servable_problems, self.registry, task, version, self.config.base_fingerprint, self.config.max_rank)
-            if record is not None and (owner := self.table.prefix_owner(record)):
-                problems.append(f"prefix {record.prefix!r} already routes task {owner!r}")
-            if record is not None and record.task != task:
-                problems.append(f"record says task {record.task!r}, folder says {task!r}")
-            if problems:
-                self.rejected[(task, version)] = Rejection(task, version, problems, time.time())
-                log.warning("rejected %s/v%d: %s", task, version, "; ".join(problems))
-                raise APIError(422, f"adapter {task}/v{version} rejected: " + "; ".join(problems),
-                               "adapter_rejected", "task")
+            record = await self._admit(task, version, replacing=self.table.current.get(task))
             old = self.table.current.get(task)
-            try:
-                where = await self.pool.place_new(record.name, self._folder(record), old.name if old else None,
-                                                  task in self.config.pin)
-            except Refused as exc:
-                self.rejected[(task, version)] = Rejection(task, version, [str(exc)], time.time())
-                log.warning("rejected %s/v%d: %s", task, version, exc)
-                raise APIError(422, f"adapter {task}/v{version} rejected: {exc}", "adapter_rejected", "task") from exc
-            self.rejected.pop((task, version), None)
             self.withdrawn.pop(task, None)
             self._swap(self.table.with_adapter(record))
             if old is not None and old.name != record.name:
                 self._retire(old.name)
-            log.info("serving %s as %s on %s (route table has %d tasks)", task, record.name, where,
-                     len(self.table.current))
+            log.info("serving %s as %s (route table has %d tasks)", task, record.name, len(self.table.current))
             return record
+
+    async def split(self, task: str, canary: Canary | None) -> None:
+        """Make `canary` (None: no canary) the task's second version, loaded first wherever it serves."""
+        async with self._lock:
+            have = self.table.canaries.get(task)
+            if (have and (have.record.version, have.percent)) == (canary and (canary.version, canary.percent)):
+                return
+            split = None
+            if canary is not None:
+                split = Split(await self._admit(task, canary.version, replacing=None), canary.percent)
+            self._swap(self.table.with_canary(task, split))
+            if have is not None and (split is None or have.record.name != split.record.name):
+                self._retire(have.record.name)
+            log.info("task %s: %s", task, f"{split.record.name} answers {split.percent:g} % (canary)" if split
+                     else "no canary")
+
+    async def _admit(self, task: str, version: int | None, replacing: AdapterRecord | None) -> AdapterRecord:
+        """Check one registry version and load it on every backend where it will serve; APIError if refused."""
+        if not TASK_NAME.match(task):
+            raise APIError(400, f"task {task!r} is not a task name", "invalid_task", "task")
+        versions = self.registry.versions(task)
+        if version is None:
+            try:
+                version = self.registry.serving(task).primary
+            except RegistryError as exc:
+                raise APIError(409, str(exc), "invalid_rollout", "task") from exc
+        if version is None or version not in versions:
+            raise APIError(404, f"registry {self.registry.root} has no {task}/v{version}", "unknown_adapter", "task")
+        # In a thread: the checksum reads every adapter byte, and requests must keep flowing.
+        record, problems = await asyncio.to_thread(
+            servable_problems, self.registry, task, version, self.config.base_fingerprint, self.config.max_rank)
+        if record is not None and (owner := self.table.prefix_owner(record)):
+            problems.append(f"prefix {record.prefix!r} already routes task {owner!r}")
+        if record is not None and record.task != task:
+            problems.append(f"record says task {record.task!r}, folder says {task!r}")
+        if record is not None and record.rejected and not self.registry.good(record):
+            problems.append(f"it failed its publish gate ({record.gate.reason}); to serve it anyway: "
+                            f"mtft-train registry pin {task} {version} --force")
+        if problems:
+            self.rejected[(task, version)] = Rejection(task, version, problems, time.time())
+            log.warning("rejected %s/v%d: %s", task, version, "; ".join(problems))
+            raise APIError(422, f"adapter {task}/v{version} rejected: " + "; ".join(problems),
+                           "adapter_rejected", "task")
+        self.retiring.discard(record.name)  # a version coming back (a rollback) must not be unloaded
+        try:
+            where = await self.pool.place_new(record.name, self._folder(record),
+                                              replacing.name if replacing else None, task in self.config.pin)
+        except Refused as exc:
+            self.rejected[(task, version)] = Rejection(task, version, [str(exc)], time.time())
+            log.warning("rejected %s/v%d: %s", task, version, exc)
+            raise APIError(422, f"adapter {task}/v{version} rejected: {exc}", "adapter_rejected", "task") from exc
+        self.rejected.pop((task, version), None)
+        log.info("loaded %s on %s", record.name, where)
+        return record
 
     async def remove(self, task: str) -> AdapterRecord:
         """Stop routing a task; its adapter unloads after in-flight requests. Re-added by POST or a newer version."""
@@ -133,16 +163,19 @@ class LiveTable:
             record = self.table.current.get(task)
             if record is None:
                 raise APIError(404, f"task {task!r} is not served; served: {self.table.tasks}", "unknown_task", "task")
+            canary = self.table.canaries.get(task)
             self._swap(self.table.without_task(task))
             self.withdrawn[task] = record.version
             self._retire(record.name)
+            if canary is not None:
+                self._retire(canary.record.name)
             log.info("withdrew %s (%s)", task, record.name)
             return record
 
     def _swap(self, table: RouteTable) -> None:
-        """One reference swap; the pinned set follows the pinned tasks' current versions."""
+        """One reference swap; the pinned set follows the pinned tasks' current versions (and canaries)."""
         self.table = table
-        pinned = {table.current[t].name for t in self.config.pin if t in table.current}
+        pinned = {r.name for r in table.records() if r.task in self.config.pin}
         self.pool.pinned = frozenset(pinned | {self.config.base_adapter} - {None})
 
     def _retire(self, name: str) -> None:
@@ -157,12 +190,12 @@ class LiveTable:
         """The folder vLLM loads adapter `name` from: a served version, or the zero adapter."""
         if name == self.config.base_adapter:
             return self.config.base_adapter_path
-        record = next((r for r in self.table.current.values() if r.name == name), None)
+        record = next((r for r in self.table.records() if r.name == name), None)
         return self._folder(record) if record is not None else None
 
     def wanted(self) -> list[str]:
         """The adapters served now, most used first: what a backend that (re)joins loads."""
-        names = [r.name for r in self.table.current.values()]
+        names = [r.name for r in self.table.records()]
         if self.config.base_adapter:
             names.append(self.config.base_adapter)
         return sorted(names, key=lambda n: (-self.pool.uses[n], n))
@@ -171,6 +204,8 @@ class LiveTable:
         if self.inflight[name] or name not in self.retiring:
             return
         self.retiring.discard(name)
+        if any(r.name == name for r in self.table.records()):
+            return  # it serves again (a rollback, or the old version became the canary)
         await self.pool.unload_everywhere(name)
 
     def _spawn(self, coroutine) -> None:
@@ -207,23 +242,33 @@ class LiveTable:
         self.scanned = True
 
     async def _scan(self) -> bool:
-        """Add what is new, remove what vanished; False if a backend was away (try again next poll)."""
+        """Serve what the registry says (new versions, pins, canaries), drop what vanished; False if a
+        backend was away (try again next poll)."""
         complete = True
         on_disk = self.registry.tasks()
         for task in on_disk:
-            newest = self.registry.newest_version(task)
-            current = self.table.current.get(task)
-            if newest is None or (current and current.version >= newest):
-                continue
-            if (task, newest) in self.rejected or self.withdrawn.get(task, -1) >= newest:
-                continue
             try:
-                await self.add(task, newest)
+                serving, rollout = self.registry.serving(task), self.registry.rollout(task)
+            except RegistryError as exc:
+                log.warning("task %s: %s; serving what it served", task, exc)
+                continue
+            if self._rollouts.get(task, rollout) != rollout:  # a user's new decision: try refused versions again
+                self.rejected = {k: v for k, v in self.rejected.items() if k[0] != task}
+            self._rollouts[task] = rollout
+            current = self.table.current.get(task)
+            primary = serving.primary
+            try:
+                if primary is not None and (current is None or current.version != primary) \
+                        and (task, primary) not in self.rejected and self.withdrawn.get(task) != primary:
+                    await self.add(task, primary)
+                if task in self.table.current and (serving.canary is None
+                                                   or (task, serving.canary.version) not in self.rejected):
+                    await self.split(task, serving.canary)
             except Unavailable as exc:
-                log.warning("cannot add %s/v%d now: %s", task, newest, exc.message)
+                log.warning("cannot serve %s as the registry says now: %s", task, exc.message)
                 complete = False
             except APIError:
-                pass  # logged and listed by add()
+                pass  # logged and listed by add() / split()
         for task in set(self.table.current) - set(on_disk):
             log.info("task %s vanished from the registry", task)
             await self.remove(task)
@@ -233,6 +278,8 @@ class LiveTable:
         return {
             "served": [{"task": r.task, "version": r.version, "adapter": r.name, "prefix": r.prefix,
                         "inflight": self.inflight[r.name]} for r in self.table.current.values()],
+            "canaries": [{"task": t, "version": c.record.version, "adapter": c.record.name, "percent": c.percent,
+                          "inflight": self.inflight[c.record.name]} for t, c in self.table.canaries.items()],
             "retiring": sorted(self.retiring),
             "rejected": [{"task": r.task, "version": r.version, "reasons": r.reasons, "at": r.at}
                          for r in self.rejected.values()],
