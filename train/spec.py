@@ -50,6 +50,26 @@ class Limits(Strict):
     eval_examples: int | None = Field(default=None, gt=0)
 
 
+class GateSpec(Strict):
+    """What a new version must score on the eval split to be served; one that fails is still
+    published, marked rejected with the numbers, and never served unless forced."""
+
+    min: float | None = Field(default=None, description="the score it must reach")
+    no_worse: float | None = Field(default=None, ge=0, description="how far below the serving version's score "
+                                   "(on the same eval data) it may be")
+    min_eval_examples: int = Field(default=10, gt=0, description="fewer eval examples cannot judge a version")
+
+    @model_validator(mode="after")
+    def _some_rule(self) -> GateSpec:
+        if self.min is None and self.no_worse is None:
+            raise ValueError("a gate needs min, no_worse or both (e.g. no_worse: 0.01)")
+        return self
+
+
+class PublishSpec(Strict):
+    gate: GateSpec | None = None
+
+
 class TaskSpec(Strict):
     name: str
     prefix: str = Field(description="routing prefix the prompt starts with, e.g. 'ticket: '")
@@ -59,6 +79,7 @@ class TaskSpec(Strict):
     labels: list[str] | None = Field(default=None, description="accuracy only: the valid labels")
     max_new_tokens: int = Field(default=32, gt=0, le=2048)
     limits: Limits = Limits()
+    publish: PublishSpec | None = Field(default=None, description="overrides the spec's top-level publish")
 
     @field_validator("name")
     @classmethod
@@ -212,11 +233,15 @@ class Spec(Strict):
     lora: LoraSpec = LoraSpec()
     training: TrainingSpec = TrainingSpec()
     multitask: MultitaskSpec = MultitaskSpec()
+    publish: PublishSpec = Field(default_factory=PublishSpec, description="every task's, unless it sets its own")
     tasks: list[TaskSpec]
     source: Path = Field(default=Path("."), exclude=True)
 
     def task(self, name: str) -> TaskSpec:
         return next(t for t in self.tasks if t.name == name)
+
+    def gate(self, task: TaskSpec) -> GateSpec | None:
+        return (task.publish or self.publish).gate
 
     def resolve(self, path: Path) -> Path:
         """Data paths are relative to the spec file, so a spec folder can move as a whole."""
