@@ -7,6 +7,7 @@ renders prompts with the record's template.
 
 from .check import confinement_problems, servable_problems
 from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, BaseModelRef, checksum, fingerprint
+from .routing import ROUTING_FILE, ProfileError, RoutingProfile, read_profile
 from .servable import (
     SERVABLE_MODULES,
     SERVABLE_RANKS,
@@ -20,20 +21,24 @@ from .template import PromptTemplate, render_input, render_prompt, render_target
 __all__ = [
     "ADAPTER_FILES",
     "RECORD_FILE",
+    "ROUTING_FILE",
     "SERVABLE_MODULES",
     "SERVABLE_RANKS",
     "TASK_NAME",
     "AdapterRecord",
     "BaseModelRef",
+    "ProfileError",
     "PromptTemplate",
     "Registry",
     "RegistryError",
+    "RoutingProfile",
     "adapter_config_problems",
     "checksum",
     "confinement_problems",
     "fingerprint",
     "module_problems",
     "rank_problems",
+    "read_profile",
     "render_input",
     "render_prompt",
     "render_target",

@@ -131,7 +131,10 @@ def read_profile(folder: Path, adapter_checksum: str) -> RoutingProfile:
         profile = RoutingProfile.model_validate(json.loads(path.read_text()))
     except FileNotFoundError as exc:
         raise ProfileError(f"{path} is missing: published without a routing profile") from exc
-    except (OSError, ValueError, ValidationError) as exc:
+    except ValidationError as exc:
+        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg']}" for e in exc.errors())
+        raise ProfileError(f"cannot read routing profile {path}: {fields}") from exc
+    except (OSError, ValueError) as exc:
         raise ProfileError(f"cannot read routing profile {path}: {exc}") from exc
     if profile.adapter_checksum != adapter_checksum:
         raise ProfileError(f"{path} was made for another adapter ({profile.adapter_checksum[:19]})")

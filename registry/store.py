@@ -18,7 +18,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, checksum
+from .routing import build_profile, write_profile
 from .rollout import ROLLOUT_FILE, Rollout, Serving
 from .servable import adapter_config_problems
 
@@ -101,8 +102,13 @@ class Registry:
         except OSError:
             return ()
 
-    def publish(self, adapter_dir: Path, record: AdapterRecord) -> AdapterRecord:
-        """Copy a trained PEFT adapter in as the task's next version; return its final record."""
+    def publish(self, adapter_dir: Path, record: AdapterRecord,
+                routing_inputs: Sequence[str] | None = None) -> AdapterRecord:
+        """Copy a trained PEFT adapter in as the task's next version; return its final record.
+
+        `routing_inputs` (the training inputs, rendered, without the prefix) add a routing profile
+        (`routing.json`, see `routing.py`), so the router can route requests that name no task here.
+        """
         adapter_dir = Path(adapter_dir)
         missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]
         if missing:
@@ -117,6 +123,8 @@ class Registry:
         try:
             for name in ADAPTER_FILES:
                 shutil.copyfile(adapter_dir / name, staging / name)
+            if routing_inputs:
+                write_profile(staging, build_profile(list(routing_inputs), checksum(staging)))
             while True:
                 version = (self.newest_version(record.task) or 0) + 1
                 final = record.model_copy(

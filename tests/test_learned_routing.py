@@ -1,0 +1,132 @@
+"""Learned routing: a request that names no task goes to the served task its input is most like.
+
+Pure tests of the profile and the index on the demo tasks' real data, then route() over a
+route table, then the real router and vLLM (the session stack of tests/serving.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mtft.registry import (
+    ROUTING_FILE,
+    AdapterRecord,
+    BaseModelRef,
+    ProfileError,
+    PromptTemplate,
+    Registry,
+    RoutingProfile,
+    checksum,
+    read_profile,
+)
+from mtft.registry.routing import build_profile
+from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "train" / "demo" / "data"
+DEMO = ("ticket", "contact", "isodate")
+UNLIKE_ANY = "{[]}#### @@@@ ~~~~ ^^^^ |||| %%%% &&&& ++++"
+
+
+def inputs(task: str, split: str) -> list[str]:
+    return [json.loads(line)["text"] for line in (DEMO_DATA / f"{task}.{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def profiles() -> dict[str, RoutingProfile]:
+    return {task: build_profile(inputs(task, "train"), f"sha256:{task}") for task in DEMO}
+
+
+def test_held_out_demo_inputs_go_to_their_task(profiles):
+    index = LearnedIndex(profiles)
+    for task in DEMO:
+        decisions = [index.classify(text) for text in inputs(task, "eval")]
+        routed = [d.task for d in decisions if d.score >= DEFAULT_THRESHOLD]
+        assert routed.count(task) / len(decisions) >= 0.95, (task, routed)
+
+
+def test_an_input_unlike_every_task_scores_below_the_threshold(profiles):
+    decision = LearnedIndex(profiles).classify(UNLIKE_ANY)
+    assert decision.score < DEFAULT_THRESHOLD / 2
+
+
+def test_only_allowed_tasks_are_ever_chosen(profiles):
+    index = LearnedIndex(profiles)
+    for allowed in (frozenset({"isodate"}), frozenset({"contact", "isodate"}), frozenset({"base"})):
+        for task in DEMO:
+            for text in inputs(task, "eval")[:10]:
+                decision = index.classify(text, allowed)
+                assert decision is None if allowed == {"base"} else decision.task in allowed
+
+
+def test_adding_a_task_does_not_change_another_tasks_gate_score(profiles):
+    """The gate depends on the chosen task's own profile only; the IDF only picks the task."""
+    text = inputs("isodate", "eval")[0]
+    alone = LearnedIndex({"isodate": profiles["isodate"]}).classify(text)
+    together = LearnedIndex(profiles).classify(text)
+    assert (alone.task, together.task) == ("isodate", "isodate")
+    assert alone.score == pytest.approx(together.score)
+
+
+def test_an_empty_index_decides_nothing():
+    assert LearnedIndex({}).classify("anything") is None
+
+
+# -- publishing --------------------------------------------------------------------------------------
+@pytest.fixture
+def adapter_dir(tmp_path) -> Path:
+    """Files publish accepts (it copies them; their bytes only matter to the checksum)."""
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
+    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    return folder
+
+
+def record(task: str = "ticket") -> AdapterRecord:
+    return AdapterRecord(
+        task=task, prefix=f"{task}: ", template=PromptTemplate(input="{text}", target="{label}"),
+        base_model=BaseModelRef(name="tiny", path="/tiny", fingerprint="sha256:0"),
+        rank=8, alpha=16, target_modules=["q_proj", "v_proj"], metric="accuracy", max_new_tokens=4)
+
+
+def test_publish_writes_the_profile_into_the_version_and_no_training_text(tmp_path, adapter_dir):
+    registry = Registry(tmp_path / "reg")
+    train = inputs("ticket", "train")
+    published = registry.publish(adapter_dir, record(), routing_inputs=train)
+    folder = registry.version_dir("ticket", published.version)
+    profile = read_profile(folder, published.checksum)
+    assert profile.examples == len(train) and profile.adapter_checksum == checksum(folder)
+    raw = (folder / ROUTING_FILE).read_text()
+    words = {w.strip(".,?!").lower() for text in train for w in text.split() if len(w) >= 4 and w.isalpha()}
+    assert not [w for w in words if w in raw.lower()]  # numbers only: no word of any input
+    plain = registry.publish(adapter_dir, record())
+    assert not (registry.version_dir("ticket", plain.version) / ROUTING_FILE).exists()
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (None, "is missing: published without a routing profile"),
+    ("{not json", "cannot read routing profile"),
+    ('{"schema_version": 1}', "cannot read routing profile .*adapter_checksum"),
+    ("other-version", "was made for another adapter"),
+    ("bucket-out-of-range", r"buckets must lie in \[0, 2\*\*20\)"),
+])
+def test_a_missing_or_damaged_profile_is_refused_with_its_path(tmp_path, adapter_dir, damage, message):
+    registry = Registry(tmp_path / "reg")
+    published = registry.publish(adapter_dir, record(), routing_inputs=inputs("ticket", "train"))
+    path = registry.version_dir("ticket", published.version) / ROUTING_FILE
+    data = json.loads(path.read_text())
+    if damage is None:
+        path.unlink()
+    elif damage == "other-version":
+        path.write_text(json.dumps({**data, "adapter_checksum": "sha256:feed"}))
+    elif damage == "bucket-out-of-range":
+        path.write_text(json.dumps({**data, "buckets": [1 << 20, *data["buckets"][1:]]}))
+    else:
+        path.write_text(damage)
+    with pytest.raises(ProfileError, match=message) as caught:
+        read_profile(path.parent, published.checksum)
+    assert str(path) in str(caught.value)
