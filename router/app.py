@@ -1,10 +1,11 @@
 """The router's app: an OpenAI-compatible proxy in front of N vLLM backends.
 
 `create_app` builds it; the handlers live at module level in `endpoints.py` and find
-what they share on `app.state`: `config`, `keys`, `metrics` (request metrics), and,
+what they share on `app.state`: `config`, `keys`, `metrics` (request metrics), `public`
+(the base model's public name, and the server paths no client may see), and,
 for the app's lifespan, `client` (one `httpx.AsyncClient` for every call to vLLM) and
 `live` (the live route table and its pool of backends, polled by a background loop).
-Every error leaves through one handler in OpenAI's shape.
+Every error leaves through one handler in OpenAI's shape, with server paths replaced.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from .endpoints import endpoints
 from .errors import APIError, error_response
 from .live import LiveTable
 from .metrics import BackendMetrics, RequestMetrics
+from .public import Public
 
 
 def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
@@ -29,6 +31,7 @@ def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
     app.state.config = config
     app.state.keys = keys if keys is not None else Keys.from_env()
     app.state.metrics = RequestMetrics()
+    app.state.public = Public.of(config)
     for kind in (APIError, HTTPException, Exception):  # one handler; Exception: a bug still answers in shape
         app.add_exception_handler(kind, error_response)
     app.include_router(endpoints)

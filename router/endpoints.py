@@ -61,9 +61,8 @@ async def chat_completions(request: Request, allowed: Allowed) -> Response:
 @endpoints.get("/v1/models")
 async def models(request: Request, allowed: Allowed) -> dict:
     """A key limited to some tasks sees only those."""
-    table = request.app.state.live.table
-    data = [{"id": BASE, "object": "model", "owned_by": "mtft", "root": request.app.state.config.base_name,
-             "adapter": table.base_target}]
+    table, base = request.app.state.live.table, request.app.state.public.base
+    data = [{"id": BASE, "object": "model", "owned_by": "mtft", "root": base, "adapter": base}]
     data += [{"id": r.task, "object": "model", "owned_by": "mtft", "parent": BASE, "adapter": r.name,
               "version": r.version, "prefix": r.prefix} for r in table.current.values()
              if allowed is None or r.task in allowed]

@@ -2,7 +2,8 @@
 
 The `openai` SDK picks its typed exception from the status code and reads
 `{"error": {message, type, param, code}}`, so every failure -- ours, vLLM's,
-Starlette's unknown path -- leaves through `error_response`.
+Starlette's unknown path -- leaves through `error_response`, which also replaces any
+server path in the message (`app.state.public`).
 """
 
 from __future__ import annotations
@@ -42,13 +43,14 @@ class Unavailable(APIError):
         super().__init__(503, message, "upstream_unavailable", headers={"Retry-After": str(retry_after_s)})
 
 
-def error_response(_request: Request, exc: Exception) -> JSONResponse:
+def error_response(request: Request, exc: Exception) -> JSONResponse:
     if isinstance(exc, APIError):
         status, message, code, param, headers = exc.status, exc.message, exc.code, exc.param, exc.headers
     elif isinstance(exc, HTTPException):
         status, message, code, param, headers = exc.status_code, str(exc.detail), "http_error", None, {}
     else:
         status, message, code, param, headers = 500, f"internal error: {exc!r}", "internal_error", None, {}
+    message = request.app.state.public.scrub(message)
     body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "api_error"),
                       "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)

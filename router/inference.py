@@ -33,7 +33,8 @@ from .errors import APIError, Unavailable
 from .live import LiveTable
 from .metrics import UNROUTED, RequestMetrics
 from .pool import Pool
-from .proxy import Exchange, chat_answer, chat_chunk, exchange, parse, upstream_error
+from .proxy import Exchange, chat_answer, chat_chunk, exchange, parse, shaped, upstream_error
+from .public import Public
 from .table import Route, route
 
 log = logging.getLogger(__name__)
@@ -42,8 +43,10 @@ log = logging.getLogger(__name__)
 class InFlight:
     """A routed request until its answer is out; `close()` may be called any number of times."""
 
-    def __init__(self, chosen: Route, live: LiveTable, metrics: RequestMetrics):
+    def __init__(self, chosen: Route, answered_by: str, live: LiveTable, metrics: RequestMetrics):
         self.route = chosen
+        self.answered_by = answered_by
+        """the public name of what answers: the adapter, or the base model's public name (metrics label)."""
         self.backend: Backend | None = None
         """where it runs now (counted there by `Pool.pick`)."""
         self.upstream: httpx.Response | None = None
@@ -78,7 +81,7 @@ class InFlight:
             self._leave()
             self._live.release(self.route)
             r = self.route
-            self._metrics.observe(r.task, r.adapter, r.matched, status, time.perf_counter() - self._started,
+            self._metrics.observe(r.task, self.answered_by, r.matched, status, time.perf_counter() - self._started,
                                   self.usage, code)
 
 
@@ -94,22 +97,25 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     if allowed is not None and chosen.task not in allowed:
         raise APIError(403, f"this API key may not use task {chosen.task!r}", "task_not_allowed", "model")
     call = exchange(body, path, chosen)
-    inflight = InFlight(chosen, state.live, state.metrics)
-    headers = {"X-MTFT-Task": chosen.task, "X-MTFT-Adapter": chosen.adapter, "X-MTFT-Route": chosen.matched}
+    answered_by = chosen.record.name if chosen.record else state.public.base
+    inflight = InFlight(chosen, answered_by, state.live, state.metrics)
+    headers = {"X-MTFT-Task": chosen.task, "X-MTFT-Adapter": answered_by, "X-MTFT-Route": chosen.matched}
     try:
         await _open(inflight, state.live, state.client, state.config, call, body.stream)
         if not body.stream:
             answer = inflight.upstream.json()
             await inflight.close(200, answer.get("usage"))
-            return JSONResponse(chat_answer(answer) if call.chat_from_completion else answer, headers=headers)
+            shown = (chat_answer(answer, answered_by) if call.chat_from_completion
+                     else shaped(answer, answered_by, call.asked))
+            return JSONResponse(shown, headers=headers)
     except APIError as exc:
         await inflight.close(exc.status, code=exc.code)
         raise
     except Exception:
         await inflight.close(500, code="internal_error")  # what the error handler will answer
         raise
-    return StreamingResponse(_relay(inflight, call, state.live.pool), media_type="text/event-stream", headers=headers,
-                             background=BackgroundTask(inflight.close, 200))
+    return StreamingResponse(_relay(inflight, call, state.live.pool, state.public), media_type="text/event-stream",
+                             headers=headers, background=BackgroundTask(inflight.close, 200))
 
 
 class BackendFailed(Exception):
@@ -169,7 +175,7 @@ async def _mapped_error(upstream: httpx.Response, chosen: Route, backend: Backen
     return upstream_error(upstream.status_code, upstream.content)
 
 
-async def _relay(inflight: InFlight, call: Exchange, pool: Pool) -> AsyncIterator[bytes]:
+async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public) -> AsyncIterator[bytes]:
     """vLLM's server-sent events, reshaped for the client; the usage chunk is kept for the metrics."""
     started: set[int] = set()
     try:
@@ -187,15 +193,16 @@ async def _relay(inflight: InFlight, call: Exchange, pool: Pool) -> AsyncIterato
                     if not chunk.get("choices"):
                         continue
                     chunk.pop("usage")
-            if call.chat_from_completion:
-                chunk = chat_chunk(chunk, started)
+            chunk = (chat_chunk(chunk, started, inflight.answered_by) if call.chat_from_completion
+                     else shaped(chunk, inflight.answered_by, call.asked))
             yield f"data: {json.dumps(chunk)}\n\n".encode()
     except httpx.TransportError as exc:
         backend = inflight.backend
         if backend is not None:
             pool.failed(backend, f"a stream broke off: {exc!r}")
         await inflight.close(502, code="upstream_failed")
-        error = {"message": f"the backend failed mid-stream ({exc!r}); the answer is incomplete: ask again",
+        why = public.scrub(f"the backend failed mid-stream ({exc!r}); the answer is incomplete: ask again")
+        error = {"message": why,
                  "type": "service_unavailable", "param": None, "code": "upstream_failed"}
         yield f"data: {json.dumps({'error': error})}\n\n".encode()
     finally:

@@ -4,7 +4,10 @@ Task routes are rendered with `mtft.registry.render_prompt` -- the function
 training used -- and sent to vLLM's `/v1/completions` under the adapter's
 name, whatever endpoint the client called: a chat request to a task answers
 in chat shape (and chat-chunk shape when streamed), built from the completion.
-Base routes pass through with only `model` replaced.
+Base routes are sent with only `model` replaced. Every answer and stream chunk goes
+back in one shape, OpenAI's (`shaped`): vLLM's own extras (`token_ids`,
+`kv_transfer_params`, `stop_reason`, ...) only when the request asked for them, and
+`model` the public name of what answered (the adapter, or the base model's public name).
 """
 
 from __future__ import annotations
@@ -25,6 +28,12 @@ CHAT = "/v1/chat/completions"
 # Sampling fields a chat request may carry over to the completion it becomes.
 SAMPLING = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
             "logit_bias", "user", "max_tokens")
+# vLLM-only answer fields, kept when the request set the field that asks for them.
+ASKED_FOR = {"return_token_ids": ("token_ids", "prompt_token_ids"), "prompt_logprobs": ("prompt_logprobs",),
+             "kv_transfer_params": ("kv_transfer_params",)}
+_TOP = ("id", "object", "created", "model", "choices", "usage")
+_CHOICE = ("index", "text", "message", "delta", "logprobs", "finish_reason")
+_MESSAGE_OPTIONAL = ("tool_calls", "function_call", "refusal", "annotations", "audio")
 
 
 class Message(BaseModel):
@@ -60,6 +69,8 @@ class Exchange:
     payload: dict
     chat_from_completion: bool
     client_wants_usage: bool
+    asked: frozenset[str] = frozenset()
+    """vLLM-only answer fields the client asked for (`ASKED_FOR`)."""
 
 
 def parse(raw: bytes, path: str, task_header: str | None) -> tuple[CompletionBody | ChatBody, RouteRequest]:
@@ -88,10 +99,11 @@ def parse(raw: bytes, path: str, task_header: str | None) -> tuple[CompletionBod
 def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchange:
     sent = body.model_dump(exclude_unset=True)
     wants_usage = bool((sent.get("stream_options") or {}).get("include_usage"))
+    asked = frozenset(f for key, fields in ASKED_FOR.items() if sent.get(key) not in (None, False) for f in fields)
     if route.record is None:
         # Greedy by default here too: one endpoint, one default (OpenAI's own is 1.0).
         payload = {"temperature": 0.0, **sent, "model": route.upstream_model}
-        return Exchange(path, _with_usage(payload, body.stream), False, wants_usage)
+        return Exchange(path, _with_usage(payload, body.stream), False, wants_usage, asked)
     record = route.record
     if isinstance(body, ChatBody):
         payload = {key: sent[key] for key in SAMPLING if key in sent}
@@ -109,7 +121,8 @@ def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchan
     payload.setdefault("temperature", 0.0)
     if record.stop:
         payload.setdefault("stop", record.stop)
-    return Exchange(COMPLETIONS, _with_usage(payload, body.stream), isinstance(body, ChatBody), wants_usage)
+    chat = isinstance(body, ChatBody)
+    return Exchange(COMPLETIONS, _with_usage(payload, body.stream), chat, wants_usage, frozenset() if chat else asked)
 
 
 def _strip(text: str, prefix: str) -> str:
@@ -123,12 +136,35 @@ def _with_usage(payload: dict, stream: bool) -> dict:
     return payload
 
 
-def chat_answer(completion: dict) -> dict:
+def shaped(data: dict, model: str, asked: frozenset[str] = frozenset()) -> dict:
+    """vLLM's answer or stream chunk with OpenAI's fields only (and those in `asked`), answered by `model`."""
+    out = {key: data[key] for key in _TOP if data.get(key) is not None}
+    out["model"] = model
+    out["choices"] = [_choice(c, asked) for c in data.get("choices") or ()]
+    for key in asked:
+        if key in data:
+            out[key] = data[key]
+    return out
+
+
+def _choice(choice: dict, asked: frozenset[str]) -> dict:
+    out = {key: choice[key] for key in _CHOICE if key in choice}
+    for key in ("message", "delta"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: v for k, v in out[key].items()
+                        if k in ("role", "content") or (k in _MESSAGE_OPTIONAL and v is not None)}
+    for key in asked:
+        if key in choice:
+            out[key] = choice[key]
+    return out
+
+
+def chat_answer(completion: dict, model: str) -> dict:
     return {
         "id": "chatcmpl-" + str(completion.get("id", "")).removeprefix("cmpl-"),
         "object": "chat.completion",
         "created": completion.get("created", int(time.time())),
-        "model": completion.get("model"),
+        "model": model,
         "choices": [
             {"index": c["index"], "message": {"role": "assistant", "content": c.get("text", "")},
              "finish_reason": c.get("finish_reason"), "logprobs": None}
@@ -138,7 +174,7 @@ def chat_answer(completion: dict) -> dict:
     }
 
 
-def chat_chunk(chunk: dict, started: set[int]) -> dict:
+def chat_chunk(chunk: dict, started: set[int], model: str) -> dict:
     """A completion stream chunk as a chat stream chunk; the first delta of each choice carries the role."""
     choices = []
     for c in chunk.get("choices", []):
@@ -149,7 +185,7 @@ def chat_chunk(chunk: dict, started: set[int]) -> dict:
         choices.append({"index": c["index"], "delta": delta, "finish_reason": c.get("finish_reason"),
                         "logprobs": None})
     out = {"id": "chatcmpl-" + str(chunk.get("id", "")).removeprefix("cmpl-"), "object": "chat.completion.chunk",
-           "created": chunk.get("created", int(time.time())), "model": chunk.get("model"), "choices": choices}
+           "created": chunk.get("created", int(time.time())), "model": model, "choices": choices}
     if chunk.get("usage") is not None:
         out["usage"] = chunk["usage"]
     return out

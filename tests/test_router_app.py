@@ -75,7 +75,7 @@ def test_closing_a_request_in_flight_again_changes_nothing(config, registry):
     async def close_three_times() -> tuple[dict, RequestMetrics]:
         async with httpx.AsyncClient() as client:
             live, metrics = LiveTable(config, client), RequestMetrics()
-            request = InFlight(Route("model", record.name, record), live, metrics)
+            request = InFlight(Route("model", record.name, record), record.name, live, metrics)
             assert dict(live.inflight) == {"yesno-v1": 1}
             await request.close(200, {"prompt_tokens": 3, "completion_tokens": 4})
             await request.close(200, {"prompt_tokens": 3, "completion_tokens": 4})
@@ -161,3 +161,35 @@ def test_admin_adds_a_version_by_its_registry_path(router, path, status):
         assert response.json() == {"task": "yesno", "version": 1, "adapter": "yesno-v1"}
     else:
         assert (response.json()["error"]["code"], response.json()["error"]["param"]) == ("adapter_rejected", "path")
+
+
+@pytest.fixture(scope="module")
+def base_by_path(registry: Registry, tiny_base: Path) -> Iterator[str]:
+    """A router whose vLLM serves the base as its folder and answers base requests itself (mtft's CPU LoRA
+    ops, no zero adapter): vLLM's answers then carry that server path as their `model`."""
+    vllm_port, port = free_port(), free_port()
+    config = RouterConfig(registry=registry.root, upstream=f"http://127.0.0.1:{vllm_port}", base_model=str(tiny_base),
+                          base_name=str(tiny_base), base_fingerprint=registry.latest()["yesno"].base_model.fingerprint,
+                          max_rank=8, poll_s=0.2, port=port)
+    with serve_in_thread(app(str(tiny_base)), vllm_port), serve_in_thread(create_app(config, Keys()), port):
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: httpx.get(url + "/ready").status_code == 200)
+        yield url
+
+
+def test_a_base_served_from_a_folder_is_shown_by_its_name_only(base_by_path, tiny_base):
+    requests = [{"model": "base", "prompt": "hi"}, {"model": "base", "prompt": "hi", "stream": True},
+                {"model": "base", "prompt": 3}]
+    with httpx.Client(base_url=base_by_path) as client:
+        answers = [client.post("/v1/completions", json=body) for body in requests]
+        models = client.get("/v1/models").json()["data"][0]
+        metrics = client.get("/metrics").text
+    whole, streamed, refused = answers
+    assert models["root"] == models["adapter"] == tiny_base.name
+    assert whole.json()["model"] == whole.headers["x-mtft-adapter"] == tiny_base.name
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    assert {c["model"] for c in chunks} == {tiny_base.name} and streamed.headers["x-mtft-adapter"] == tiny_base.name
+    assert refused.status_code == 400 and f'adapter="{tiny_base.name}"' in metrics
+    # The fake vLLM's answer text names the model it was asked for; everything else must not.
+    shown = [json.dumps({**whole.json(), "choices": None}), str(models), metrics, refused.text, *whole.headers.values()]
+    assert not [text for text in shown if str(tiny_base) in text]
