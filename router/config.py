@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+LEARNED_THRESHOLD = 0.6  # gate scores: ~1 for a task's typical input, 0.76-0.95 for its least typical, ~0.2 gibberish
 API_KEYS_ENV = "MTFT_API_KEYS"
 ADMIN_KEY_ENV = "MTFT_ADMIN_KEY"
 
@@ -42,6 +43,12 @@ class RouterOptions(BaseModel):
                                 "from which it spills onto one more backend")
     backoff_max_s: float = Field(default=5.0, gt=0, description="longest wait, in seconds, between checks of a "
                                  "backend that is down")
+    learned_routing: bool = Field(default=True, description="send a request that names no task (model, X-Task, "
+                                  "prefix) to the served task its text is most like, learned from the tasks' "
+                                  "training inputs (their routing.json); off: such requests take the default")
+    learned_threshold: float = Field(default=LEARNED_THRESHOLD, gt=0, description="the least learned score (the "
+                                     "text's similarity to the task's inputs relative to their own median, ~1 for "
+                                     "a typical input) that routes; below it the default route")
 
 
 class RouterConfig(RouterOptions):

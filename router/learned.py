@@ -21,9 +21,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mtft.registry.routing import RoutingProfile, featurize
+from mtft.registry import RoutingProfile
+from mtft.registry.routing import featurize
 
-DEFAULT_THRESHOLD = 0.6
+from .config import LEARNED_THRESHOLD as DEFAULT_THRESHOLD
 
 
 @dataclass(frozen=True)

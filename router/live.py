@@ -27,7 +27,16 @@ from pathlib import Path
 
 import httpx
 
-from mtft.registry import TASK_NAME, AdapterRecord, Registry, RegistryError, servable_problems
+from mtft.registry import (
+    TASK_NAME,
+    AdapterRecord,
+    ProfileError,
+    Registry,
+    RegistryError,
+    RoutingProfile,
+    read_profile,
+    servable_problems,
+)
 from mtft.registry.rollout import Canary, Rollout
 
 from .backends import Refused
@@ -55,6 +64,7 @@ class LiveTable:
             base_names=frozenset({"base", config.base_name, config.base_model}),
             base_target=config.base_adapter or config.base_model,
             default=config.default,
+            learned_threshold=config.learned_threshold if config.learned_routing else None,
         )
         self.pool = Pool(config, client)
         self.pool.pinned = frozenset({config.base_adapter} - {None})
@@ -97,7 +107,7 @@ class LiveTable:
             record = await self._admit(task, version, replacing=self.table.current.get(task))
             old = self.table.current.get(task)
             self.withdrawn.pop(task, None)
-            self._swap(self.table.with_adapter(record))
+            self._swap(self.table.with_adapter(record, await asyncio.to_thread(self._profile, record)))
             if old is not None and old.name != record.name:
                 self._retire(old.name)
             log.info("serving %s as %s (route table has %d tasks)", task, record.name, len(self.table.current))
@@ -171,6 +181,16 @@ class LiveTable:
                 self._retire(canary.record.name)
             log.info("withdrew %s (%s)", task, record.name)
             return record
+
+    def _profile(self, record: AdapterRecord) -> RoutingProfile | None:
+        """The version's routing profile; without a readable one it serves, but only when named."""
+        if self.table.learned_threshold is None:
+            return None
+        try:
+            return read_profile(self._folder(record), record.checksum)
+        except ProfileError as exc:
+            log.warning("%s is not routable by learned routing: %s", record.name, exc)
+            return None
 
     def _swap(self, table: RouteTable) -> None:
         """One reference swap; the pinned set follows the pinned tasks' current versions (and canaries)."""
@@ -277,7 +297,8 @@ class LiveTable:
     def status(self) -> dict[str, object]:
         return {
             "served": [{"task": r.task, "version": r.version, "adapter": r.name, "prefix": r.prefix,
-                        "inflight": self.inflight[r.name]} for r in self.table.current.values()],
+                        "inflight": self.inflight[r.name], "learned": r.name in self.table.learned_names}
+                       for r in self.table.current.values()],
             "canaries": [{"task": t, "version": c.record.version, "adapter": c.record.name, "percent": c.percent,
                           "inflight": self.inflight[c.record.name]} for t, c in self.table.canaries.items()],
             "retiring": sorted(self.retiring),

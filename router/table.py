@@ -6,7 +6,9 @@ reference, so a request sees either the old table or the new one, never half.
 
 Order: (a) `model` names a task (`task@vN` pins the served version) or the base
 model; (b) the `X-Task` header; (c) the text starts with a task prefix, the
-longest one winning; (d) the configured default (a task or the base model);
+longest one winning; (d) learned: the served task (among those the key may use)
+whose training inputs the text is most like (`learned.py`), if its score reaches
+the threshold; (e) the configured default (a task or the base model);
 otherwise `NotFound` listing the tasks. Prefix lookup probes one dict per
 distinct prefix length, so it costs the same with 3 tasks or 3,000.
 
@@ -23,12 +25,13 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Literal
 
-from mtft.registry import AdapterRecord
+from mtft.registry import AdapterRecord, RoutingProfile
 
 from .errors import APIError
+from .learned import LearnedIndex
 
 BASE = "base"
-Match = Literal["model", "version", "header", "prefix", "default", "base"]
+Match = Literal["model", "version", "header", "prefix", "learned", "default", "base"]
 
 
 @dataclass(frozen=True)
@@ -55,8 +58,13 @@ class RouteTable:
     """a task name or 'base', used when nothing else matches."""
     canaries: Mapping[str, Split] = field(default_factory=dict)
     """task -> a second version answering a share of its requests."""
+    profiles: Mapping[str, RoutingProfile] = field(default_factory=dict)
+    """adapter name -> its routing profile (versions published without one have none)."""
+    learned_threshold: float | None = None
+    """the least learned score that routes; None: learned routing is off."""
     prefixes: Mapping[str, str] = field(default_factory=dict, init=False)
     prefix_lengths: tuple[int, ...] = field(default=(), init=False)
+    learned: LearnedIndex = field(default=None, init=False)
 
     def __post_init__(self):
         prefixes = {record.prefix: task for task, record in self.current.items()}
@@ -65,20 +73,30 @@ class RouteTable:
             {t: c for t, c in self.canaries.items() if t in self.current and c.record.name != self.current[t].name}))
         object.__setattr__(self, "prefixes", MappingProxyType(prefixes))
         object.__setattr__(self, "prefix_lengths", tuple(sorted({len(p) for p in prefixes}, reverse=True)))
+        names = {r.name for r in self.records()}
+        object.__setattr__(self, "profiles", MappingProxyType({n: p for n, p in self.profiles.items() if n in names}))
+        served = {t: self.profiles[r.name] for t, r in self.current.items() if r.name in self.profiles}
+        object.__setattr__(self, "learned", LearnedIndex(served if self.learned_threshold is not None else {}))
 
     @property
     def tasks(self) -> list[str]:
         return sorted(self.current)
+
+    @property
+    def learned_names(self) -> frozenset[str]:
+        """The served adapters learned routing can choose."""
+        return frozenset(self.current[t].name for t in self.learned.tasks)
 
     def prefix_owner(self, record: AdapterRecord) -> str | None:
         """Another task already routed by this record's prefix (a hot-add must not steal it)."""
         owner = self.prefixes.get(record.prefix)
         return owner if owner not in (None, record.task) else None
 
-    def with_adapter(self, record: AdapterRecord) -> RouteTable:
+    def with_adapter(self, record: AdapterRecord, profile: RoutingProfile | None = None) -> RouteTable:
         """A new table where `record` serves its task (replacing any other version; a promoted canary
-        stops being one)."""
-        return replace(self, current={**self.current, record.task: record})
+        stops being one); with a profile, requests that name no task can be routed to it."""
+        profiles = {**self.profiles, record.name: profile} if profile is not None else self.profiles
+        return replace(self, current={**self.current, record.task: record}, profiles=profiles)
 
     def with_canary(self, task: str, split: Split | None) -> RouteTable:
         canaries = {t: c for t, c in self.canaries.items() if t != task}
@@ -107,6 +125,8 @@ class RouteRequest:
     text: str | None = None
     key: str | None = None
     """what keeps a client on one side of a canary split; None: the text."""
+    allowed: frozenset[str] | None = None
+    """the tasks the caller's key may use (None: any): learned routing chooses among these only."""
 
 
 @dataclass(frozen=True)
@@ -118,6 +138,8 @@ class Route:
     """None for the base model."""
     text: str | None = None
     """task routes: the input without its task prefix, to render with the record's template."""
+    score: float | None = None
+    """the learned score of the request's nearest task, where learned routing looked at it."""
 
     @property
     def task(self) -> str:
@@ -159,10 +181,16 @@ def route(request: RouteRequest, table: RouteTable) -> Route:
             task = table.prefixes.get(request.text[:length])
             if task is not None:
                 return _task_route("prefix", table, task, request)
+    score = None
+    if request.text and len(table.learned):
+        decision = table.learned.classify(request.text, request.allowed)
+        if decision is not None and decision.score >= table.learned_threshold:
+            return replace(_task_route("learned", table, decision.task, request), score=decision.score)
+        score = decision.score if decision is not None else None
     if table.default == BASE:
-        return Route("default", table.base_target)
+        return Route("default", table.base_target, score=score)
     if table.default in table.current:
-        return _task_route("default", table, table.default, request)
+        return replace(_task_route("default", table, table.default, request), score=score)
     raise NotFound(f"no task matches model {model!r}, the X-Task header or a task prefix", table, "model")
 
 

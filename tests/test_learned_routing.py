@@ -24,6 +24,7 @@ from mtft.registry import (
 )
 from mtft.registry.routing import build_profile
 from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex
+from mtft.router.table import BASE, NotFound, RouteRequest, RouteTable, route
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "train" / "demo" / "data"
 DEMO = ("ticket", "contact", "isodate")
@@ -130,3 +131,66 @@ def test_a_missing_or_damaged_profile_is_refused_with_its_path(tmp_path, adapter
     with pytest.raises(ProfileError, match=message) as caught:
         read_profile(path.parent, published.checksum)
     assert str(path) in str(caught.value)
+
+
+# -- route() over a route table ----------------------------------------------------------------------
+def table_of(profiles, tasks=DEMO, threshold: float | None = DEFAULT_THRESHOLD, default: str | None = BASE):
+    table = RouteTable(default=default, learned_threshold=threshold)
+    for task in tasks:
+        table = table.with_adapter(record(task).model_copy(update={"version": 1}), profiles[task])
+    return table
+
+
+def test_un_prefixed_inputs_are_routed_learned_with_their_score(profiles):
+    table = table_of(profiles)
+    for task in DEMO:
+        text = inputs(task, "eval")[1]
+        chosen = route(RouteRequest(text=text), table)
+        assert (chosen.matched, chosen.task, chosen.text) == ("learned", task, text)
+        assert chosen.score >= DEFAULT_THRESHOLD
+
+
+def test_explicit_routes_win_over_learned(profiles):
+    table = table_of(profiles)
+    date = inputs("isodate", "eval")[0]
+    assert route(RouteRequest(model="ticket", text=date), table).matched == "model"
+    assert route(RouteRequest(task_header="contact", text=date), table).task == "contact"
+    assert (route(RouteRequest(text="ticket: " + date), table).matched,
+            route(RouteRequest(text="ticket: " + date), table).task) == ("prefix", "ticket")
+    assert route(RouteRequest(model="base", text=date), table).matched == "base"
+
+
+def test_an_input_unlike_every_task_takes_the_default_route(profiles):
+    chosen = route(RouteRequest(text=UNLIKE_ANY), table_of(profiles))
+    assert (chosen.matched, chosen.task) == ("default", BASE) and chosen.score < DEFAULT_THRESHOLD
+    assert route(RouteRequest(text=UNLIKE_ANY), table_of(profiles, default="ticket")).task == "ticket"
+    with pytest.raises(NotFound, match="no task matches"):
+        route(RouteRequest(text=UNLIKE_ANY), table_of(profiles, default=None))
+
+
+def test_learned_routing_off_sends_everything_unnamed_to_the_default(profiles):
+    table = table_of(profiles, threshold=None)
+    chosen = route(RouteRequest(text=inputs("isodate", "eval")[0]), table)
+    assert (chosen.matched, chosen.score) == ("default", None)
+
+
+def test_a_key_limited_to_some_tasks_is_only_routed_among_them(profiles):
+    table = table_of(profiles)
+    for task in DEMO:
+        for text in inputs(task, "eval")[:8]:
+            chosen = route(RouteRequest(text=text, allowed=frozenset({"isodate"})), table)
+            assert chosen.task in ("isodate", BASE)
+    assert route(RouteRequest(text=inputs("ticket", "eval")[0], allowed=frozenset({"base"})), table).task == BASE
+
+
+def test_hot_adds_and_version_swaps_change_what_is_learnable(profiles):
+    table = table_of(profiles, tasks=("ticket", "contact"))
+    date = inputs("isodate", "eval")[0]
+    assert route(RouteRequest(text=date), table).task != "isodate"
+    table = table.with_adapter(record("isodate").model_copy(update={"version": 1}), profiles["isodate"])
+    assert route(RouteRequest(text=date), table).task == "isodate"
+    table = table.with_adapter(record("isodate").model_copy(update={"version": 2}))  # v2 has no profile
+    assert route(RouteRequest(text=date), table).task != "isodate"
+    assert table.learned_names == {"ticket-v1", "contact-v1"}
+    assert "isodate-v1" not in table.profiles  # a replaced version's profile is dropped
+    assert route(RouteRequest(text=inputs("ticket", "eval")[0]), table.without_task("ticket")).task != "ticket"
