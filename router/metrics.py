@@ -32,6 +32,10 @@ class RequestMetrics:
         self.latency = Histogram("mtft_request_seconds", "Time to the last byte of the answer", labels,
                                  registry=self.registry,
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.learned = Histogram("mtft_learned_score", "Learned-routing score of requests that named no task, "
+                                 "by the route they took (learned: at or above the threshold; default: below)",
+                                 ["route"], registry=self.registry,
+                                 buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5))
 
     def observe(self, task: str, adapter: str, route: str, status: int, seconds: float,
                 usage: dict | None, code: str | None = None) -> None:
@@ -42,6 +46,11 @@ class RequestMetrics:
         if usage:
             self.tokens.labels(task, adapter, "prompt").inc(usage.get("prompt_tokens") or 0)
             self.tokens.labels(task, adapter, "completion").inc(usage.get("completion_tokens") or 0)
+
+    def observe_learned(self, route: str, score: float | None) -> None:
+        """Label cardinality stays at two: the route is 'learned' or 'default'."""
+        if score is not None:
+            self.learned.labels(route).observe(score)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
