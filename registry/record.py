@@ -40,6 +40,7 @@ class AdapterRecord(BaseModel):
     alpha: float
     target_modules: list[str]
     metric: str
+    labels: list[str] | None = Field(default=None, description="accuracy: the valid labels answers snap to")
     metrics: dict[str, float] = Field(
         default_factory=dict, description="'base' (zero-shot) and 'adapter' scores on the eval split"
     )

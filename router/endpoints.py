@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from mtft.registry import RegistryError
 
 from .errors import APIError, Unavailable
-from .inference import infer
+from .inference import bearer, infer
 from .live import LiveTable
 from .proxy import CHAT, COMPLETIONS
 from .table import BASE
@@ -30,7 +30,7 @@ def allowed_tasks(request: Request) -> frozenset[str] | None:
     keys = request.app.state.keys
     if not keys.api:
         return None
-    key = _bearer(request)
+    key = bearer(request)
     if key not in keys.api:
         raise APIError(401, "missing or unknown API key (Authorization: Bearer <key>)", "invalid_api_key")
     return keys.api[key]
@@ -40,7 +40,7 @@ def check_admin(request: Request) -> None:
     admin = request.app.state.keys.admin
     if admin is None:
         raise APIError(401, "admin endpoints are off: set MTFT_ADMIN_KEY", "admin_disabled")
-    if _bearer(request) != admin:
+    if bearer(request) != admin:
         raise APIError(401, "missing or wrong admin key", "invalid_admin_key")
 
 
@@ -106,11 +106,6 @@ async def add_adapter(request: Request) -> dict:
 async def remove_adapter(task: str, request: Request) -> dict:
     record = await request.app.state.live.remove(task)
     return {"task": record.task, "version": record.version, "adapter": record.name, "removed": True}
-
-
-def _bearer(request: Request) -> str | None:
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
 
 
 async def read_body(request: Request) -> bytes:

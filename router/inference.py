@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import httpx
 from fastapi import Request
@@ -89,6 +90,9 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     """Answer one completion or chat request (`raw` is its body) as OpenAI would."""
     state = request.app.state
     body, wanted = parse(raw, path, request.headers.get("x-task"))
+    # A canary split sticks to the client: OpenAI's `user` field, else the API key, else the text.
+    user = (body.model_extra or {}).get("user")
+    wanted = replace(wanted, key=user if isinstance(user, str) and user else bearer(request))
     try:
         chosen = route(wanted, state.live.table)
     except APIError as exc:
@@ -116,6 +120,12 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
         raise
     return StreamingResponse(_relay(inflight, call, state.live.pool, state.public), media_type="text/event-stream",
                              headers=headers, background=BackgroundTask(inflight.close, 200))
+
+
+def bearer(request: Request) -> str | None:
+    """The `Authorization: Bearer <key>` key, if any."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return (token.strip() or None) if scheme.lower() == "bearer" else None
 
 
 class BackendFailed(Exception):

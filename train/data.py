@@ -100,14 +100,14 @@ def _read_dataset(folder: Path, split: str) -> tuple[list[Row], list[str]]:
     return [Row({k: _cell(v) for k, v in r.items()}, f"{label} row {i}") for i, r in enumerate(loaded)], []
 
 
-def _examples(rows: list[Row], task: TaskSpec, template: PromptTemplate) -> tuple[list[Example], list[str]]:
+def _examples(rows: list[Row], task: str, prefix: str, template: PromptTemplate) -> tuple[list[Example], list[str]]:
     needed = template.data_fields()
     out, problems = [], []
     for row in rows:
         missing = sorted(needed - row.values.keys())
         if missing:
             problems.append(
-                f"{row.where}: row lacks {missing} used by task {task.name!r}'s template "
+                f"{row.where}: row lacks {missing} used by task {task!r}'s template "
                 f"(it has {sorted(row.values)})"
             )
             continue
@@ -115,7 +115,7 @@ def _examples(rows: list[Row], task: TaskSpec, template: PromptTemplate) -> tupl
         out.append(
             Example(
                 input=text,
-                prompt=render_prompt(template, task.prefix, text),
+                prompt=render_prompt(template, prefix, text),
                 target=render_target(template, row.values),
                 where=row.where,
             )
@@ -123,18 +123,34 @@ def _examples(rows: list[Row], task: TaskSpec, template: PromptTemplate) -> tupl
     return out, problems
 
 
+def _load(path: Path, task: str, prefix: str, template: PromptTemplate, problems: list[str]) -> list[Example]:
+    """A file's examples; its problems (at most MAX_REPORTED listed, the rest counted) go to `problems`."""
+    rows, read_problems = read_rows(path)
+    examples, row_problems = _examples(rows, task, prefix, template)
+    for found in (read_problems, row_problems):
+        problems.extend(found[:MAX_REPORTED])
+        if len(found) > MAX_REPORTED:
+            problems.append(f"... and {len(found) - MAX_REPORTED} more in {path}")
+    return examples
+
+
+def load_examples(path: Path, task: str, prefix: str, template: PromptTemplate) -> list[Example]:
+    """One data file rendered with a task's template (`registry eval`); SpecError listing every bad row."""
+    problems: list[str] = []
+    examples = _load(path, task, prefix, template, problems)
+    if not problems and not examples:
+        problems.append(f"{path}: no rows")
+    if problems:
+        raise SpecError(str(path), problems)
+    return examples
+
+
 def load_task_data(spec: Spec, task: TaskSpec, template: PromptTemplate, seed: int) -> TaskData:
     """Train and eval examples of one task; raises SpecError listing every bad row."""
     problems: list[str] = []
 
     def load(path: Path) -> list[Example]:
-        rows, read_problems = read_rows(spec.resolve(path))
-        examples, row_problems = _examples(rows, task, template)
-        for found in (read_problems, row_problems):
-            problems.extend(found[:MAX_REPORTED])
-            if len(found) > MAX_REPORTED:
-                problems.append(f"... and {len(found) - MAX_REPORTED} more in {path}")
-        return examples
+        return _load(spec.resolve(path), task.name, task.prefix, template, problems)
 
     train = load(task.data.train)
     if task.data.eval is not None:

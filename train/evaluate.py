@@ -38,6 +38,16 @@ class Evaluation:
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def end_ids(tokenizer, template_format: str) -> list[int]:
+    """Answers end with the chat end token in chat format, with EOS in plain format."""
+    eos = tokenizer.eos_token_id
+    if template_format == "chat":
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if im_end is not None and im_end != tokenizer.unk_token_id:
+            return [im_end] + ([eos] if eos is not None and eos != im_end else [])
+    return [eos]
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, end_ids: list[int], batch_size: int,
              desc: str | None = None) -> list[str]:
