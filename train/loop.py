@@ -5,6 +5,10 @@ optimizer, which examples make up each step, how the examples' losses combine, a
 own. The loop owns the rest. A checkpoint holds the trainable tensors, every optimizer and
 schedule, the plan's state, the step and the RNG state, so a run killed at any point and resumed
 produces the same weights as one that was never interrupted.
+
+Under `accelerate launch` every process runs this loop on its share of each step's rows
+(`processes.Ranks`): the gradients are summed once per step, so N processes train what one
+trains on the same global batch; only the main process writes the run log and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from tqdm import tqdm
 from transformers import get_scheduler
 
 from .batches import IGNORE, Row, Tokenized, collate, forwards, pack, runs
+from .processes import Ranks
 from .runlog import RunLog
 from .spec import TrainingSpec
 
@@ -122,18 +127,23 @@ def train(plan: StepPlan, setup: Loop, resume: bool) -> None:
     for key, (groups, steps) in plan.optimizers().items():
         optimizers[key] = torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
         schedulers[key] = get_scheduler(t.schedule, optimizers[key], t.warmup_steps, steps)
+    params = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
+    ranks = Ranks(setup.accelerator)
     found = latest_checkpoint(setup.checkpoint) if resume else None
     start, seen = 0, {}  # seen: realised examples per task so far
     if found:
         start, seen = _restore(found, plan, optimizers, schedulers)
         log.info("%s: resuming at step %d/%d from %s", plan.name, start, plan.total_steps, found)
-    setup.log.truncate(start)
+    if ranks.is_main:
+        setup.log.truncate(start)
     plan.model.train()
-    bar = tqdm(total=plan.total_steps, initial=start, desc=plan.name, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=plan.total_steps, initial=start, desc=plan.name, unit="step", dynamic_ncols=True,
+               disable=not ranks.is_main)
     for step in range(start, plan.total_steps):
         began = time.perf_counter()
+        ranks.seed_step(t.seed, step)
         draw = plan.draw(step)
-        stats, tokens = _forward_backward(plan, draw, setup)
+        stats, tokens = _forward_backward(plan, draw, setup, ranks, params)
         for key in draw.stepped:
             optimizers[key].step()
             schedulers[key].step()
@@ -153,14 +163,17 @@ def train(plan: StepPlan, setup: Loop, resume: bool) -> None:
             row["eval"] = setup.evaluate(due or plan.tasks, f"step-{step + 1}")
             plan.observe_eval(step + 1, row["eval"])
             plan.model.train()
-        setup.log.append(row)
-        if (step + 1) % t.checkpoint_every == 0 or step + 1 == plan.total_steps:
+        if ranks.is_main:
+            setup.log.append(row)
+        if ranks.is_main and ((step + 1) % t.checkpoint_every == 0 or step + 1 == plan.total_steps):
             _save(setup.checkpoint, plan, optimizers, schedulers, step + 1, seen)
     bar.close()
 
 
-def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str, TaskStep], int]:
-    """Every forward and backward of one optimizer step; returns per-task stats and tokens seen."""
+def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop, ranks: Ranks,
+                      params: list[torch.nn.Parameter]) -> tuple[dict[str, TaskStep], int]:
+    """This process's forwards and backwards of one optimizer step, then every process's gradients
+    summed; returns the whole step's per-task stats and tokens."""
     targets: dict[str, int] = {}
     examples: dict[str, int] = {}
     for part in draw.parts:
@@ -171,10 +184,13 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
     sums = dict.fromkeys(counts, 0.0)
     tokens, accelerator = 0, setup.accelerator
     t = setup.training
+    # Normalisers above cover the whole step; each process runs its own share of every micro-batch.
+    parts = [ranks.shard(part, lambda row: len(plan.items[row[0]][row[1]].input_ids)) for part in draw.parts]
     if t.packing:  # whole micro-batches, each task's rows packed apart (a packed row is one task's)
-        chunks = [sorted(part, key=lambda row: plan.tasks.index(row[0])) for part in draw.parts]
+        chunks = [sorted(part, key=lambda row: plan.tasks.index(row[0])) for part in parts if part]
     else:
-        chunks = [rows for part in draw.parts for rows in forwards(part, plan.items, plan.tasks, max(1, t.batch_size // 2))]
+        width = max(1, t.batch_size // ranks.count // 2)
+        chunks = [rows for part in parts if part for rows in forwards(part, plan.items, plan.tasks, width)]
     for m, rows in enumerate(chunks):
         grouped = runs(rows)
         items = [plan.items[n][i] for n, i in rows]
@@ -182,14 +198,18 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop) -> tuple[dict[str
         batch = {k: v.to(accelerator.device) for k, v in collate(items, setup.pad_id, layout).items()}
         with plan.rows(row_runs), accelerator.autocast():
             losses = answer_loss(plan.model, batch, plan.per_example)
-        accelerator.backward(plan.objective(losses, grouped, counts, first=m == 0))
+        # `first`: a step's once-only terms go into one forward of one process (the main has rows first).
+        accelerator.backward(plan.objective(losses, grouped, counts, first=m == 0 and ranks.is_main))
         start = 0
         for task, count in grouped:
             sums[task] += losses[start:start + count].sum().item()
             start += count
         tokens += int(batch["attention_mask"].sum())
+    names = list(counts)
+    *summed, tokens = ranks.sum_gradients(params, [sums[n] for n in names] + [tokens])
+    sums = dict(zip(names, summed))
     whole = sum(counts.values())
-    return {n: TaskStep(sums[n] / counts[n], examples[n], targets[n], counts[n] / whole) for n in counts}, tokens
+    return {n: TaskStep(sums[n] / counts[n], examples[n], targets[n], counts[n] / whole) for n in counts}, int(tokens)
 
 
 def _packed(items: list[Tokenized], grouped: list[tuple[str, int]], capacity: int):

@@ -19,6 +19,7 @@ from . import loop
 from .batches import Tokenized
 from .loop import total_steps
 from .plans import LockstepPlan
+from .processes import Ranks
 from .session import Checked, RunOptions, Session, TaskResult, check_run
 from .shared import SharedPlan, check_shared, forgetting_table, plan_stages
 from .spec import Spec, SpecError
@@ -34,7 +35,7 @@ def train_shared(spec: Spec, options: RunOptions) -> list[TaskResult]:
     """One adapter shared by every task, conditioned on task embeddings; each task exported."""
     session, plan = _train(spec, options, check_shared_run(spec, options), "shared", "mtft-train shared",
                            _shared_plan)
-    if plan.history:
+    if plan.history and Ranks(session.accelerator).is_main:
         (options.output / "forgetting.txt").write_text(
             forgetting_table(plan.history, {t.name: t.metric for t in session.tasks}))
     t = spec.training

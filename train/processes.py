@@ -1,0 +1,121 @@
+"""Several training processes (`accelerate launch`): which rows each takes, and what they share.
+
+Every process runs the same program and draws the same global steps (the step plans are seeded),
+takes its share of every micro-batch (`Ranks.shard`) and, once per optimizer step, adds its
+gradients to everyone else's (`Ranks.sum_gradients`). Losses are normalised by the whole step's
+answer tokens, so N processes compute exactly the gradient one process computes on the same
+global batch: `training.batch_size` is the global micro-batch, split over the processes.
+
+Why not DDP's wrapper: processes run different numbers of forwards per step (rows are split by
+length, and a short last batch of an epoch may leave one process none), many steps leave some
+parameters untouched (a finished task's adapter in one pass, the embedding of a task absent from
+a shared step), and the uncertainty weights live outside the model. One explicit sum per step
+over the trainable tensors is DDP's arithmetic without its constraints, and a parameter no
+process touched keeps no gradient, so AdamW skips it exactly as it does in one process.
+FSDP and DeepSpeed shard the frozen base instead; they are refused with a clear message.
+
+Files, the registry and evaluation belong to the main process; what steers training (scores)
+is broadcast from it (`Ranks.from_main`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, TypeVar
+
+import torch
+
+T = TypeVar("T")
+DATA_PARALLEL = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU"}
+
+
+def check_processes(batch_size: int, processes: int, distributed_type: str) -> list[str]:
+    """What makes a launch unusable for this spec; every problem at once, before any training."""
+    problems = []
+    if distributed_type not in DATA_PARALLEL:
+        problems.append(f"accelerate distributed_type {distributed_type} is not supported: mtft-train trains with "
+                        "data parallelism over N processes (distributed_type MULTI_GPU, or MULTI_CPU on CPUs); "
+                        "use deploy/accelerate/1node-ngpu.yaml or multinode.yaml")
+    if batch_size % processes:
+        problems.append(f"training.batch_size {batch_size} does not divide into the {processes} processes of this "
+                        f"launch: every process takes batch_size / processes examples of each micro-batch; make "
+                        f"batch_size a multiple of {processes} or launch a number of processes that divides it")
+    return problems
+
+
+def is_main_process() -> bool:
+    """Whether this is the launch's main process (True without `accelerate launch`)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+class Ranks:
+    """This process's place among the launch's processes, through the accelerator that started them."""
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.rank, self.count = accelerator.process_index, accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+
+    @property
+    def local_count(self) -> int:
+        """Processes on this machine (torchrun's LOCAL_WORLD_SIZE), which share its CPU cores."""
+        return int(os.environ.get("LOCAL_WORLD_SIZE", self.count))
+
+    def shard(self, rows: list, length: Callable[[object], int]) -> list:
+        """This process's rows of a micro-batch: dealt round-robin by decreasing length.
+
+        Deterministic, so every process knows every other's share; dealing by length keeps the
+        processes' tokens (and so their step times) close. The main process gets the longest row,
+        so it has rows whenever the micro-batch has any.
+        """
+        if self.count == 1:
+            return rows
+        order = sorted(range(len(rows)), key=lambda i: (-length(rows[i]), i))
+        return [rows[i] for i in order[self.rank::self.count]]
+
+    def sum_gradients(self, params: list[torch.nn.Parameter], extra: list[float]) -> list[float]:
+        """Sum every process's gradients of `params` (and the numbers in `extra`) into every process.
+
+        A parameter that no process gave a gradient keeps none; one that some did gets the sum.
+        """
+        if self.count == 1:
+            return extra
+        device = params[0].device if params else self.accelerator.device
+        # Which parameters have a gradient, and the counters, in float64 (exact token counts).
+        head = torch.tensor([float(p.grad is not None) for p in params] + list(extra), dtype=torch.float64,
+                            device=device)
+        head = self.accelerator.reduce(head, reduction="sum").tolist()
+        used = [i for i, p in enumerate(params) if head[i] > 0]
+        if used:
+            grads = torch.cat([(params[i].grad if params[i].grad is not None else torch.zeros_like(params[i]))
+                               .detach().float().flatten() for i in used])
+            grads = self.accelerator.reduce(grads, reduction="sum")
+            at = 0
+            for i in used:
+                size = params[i].numel()
+                params[i].grad = grads[at:at + size].view_as(params[i]).to(params[i].dtype).clone()
+                at += size
+        return head[len(params):]
+
+    def from_main(self, compute: Callable[[], T]) -> T:
+        """`compute()` on the main process only; every process returns its result."""
+        value = compute() if self.is_main else None
+        if self.count == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value], from_process=0)[0]
+
+    def wait(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def seed_step(self, seed: int, step: int) -> None:
+        """Per process and step random numbers (dropout) when several processes share a step.
+
+        Each process's rows then draw their own dropout masks, and a resumed run draws the same
+        ones whatever the processes did before; one process keeps the checkpointed RNG stream.
+        """
+        if self.count > 1:
+            torch.manual_seed((seed * 1_000_003 + step) * 1_009 + self.rank)
