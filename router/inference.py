@@ -92,7 +92,7 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     body, wanted = parse(raw, path, request.headers.get("x-task"))
     # A canary split sticks to the client: OpenAI's `user` field, else the API key, else the text.
     user = (body.model_extra or {}).get("user")
-    wanted = replace(wanted, key=user if isinstance(user, str) and user else bearer(request))
+    wanted = replace(wanted, key=user if isinstance(user, str) and user else bearer(request), allowed=allowed)
     try:
         chosen = route(wanted, state.live.table)
     except APIError as exc:
@@ -104,6 +104,9 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     answered_by = chosen.record.name if chosen.record else state.public.base
     inflight = InFlight(chosen, answered_by, state.live, state.metrics)
     headers = {"X-MTFT-Task": chosen.task, "X-MTFT-Adapter": answered_by, "X-MTFT-Route": chosen.matched}
+    if chosen.score is not None:  # learned routing looked at it: routed there, or below the threshold
+        headers["X-MTFT-Learned-Score"] = f"{chosen.score:.3f}"
+        state.metrics.observe_learned(chosen.matched, chosen.score)
     try:
         await _open(inflight, state.live, state.client, state.config, call, body.stream)
         if not body.stream:
