@@ -148,10 +148,13 @@ def stop_stack(stack: RunningStack) -> None:
     stack.process.wait(60)
 
 
-def publish_copy(source: Registry, copied: str, target: Registry, **changes) -> AdapterRecord:
-    """Publish task `copied`'s newest adapter from `source` into `target`, its record changed by `changes`."""
+def publish_copy(source: Registry, copied: str, target: Registry, routing_inputs: list[str] | None = None,
+                 **changes) -> AdapterRecord:
+    """Publish task `copied`'s newest adapter from `source` into `target`, its record changed by `changes`
+    (with a routing profile of `routing_inputs`, if given)."""
     record = source.latest()[copied]
-    return target.publish(source.version_dir(copied, record.version), record.model_copy(update=changes))
+    return target.publish(source.version_dir(copied, record.version), record.model_copy(update=changes),
+                          routing_inputs=routing_inputs)
 
 
 def alive(pid: int) -> bool:

@@ -26,6 +26,8 @@ from mtft.registry.routing import build_profile
 from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex
 from mtft.router.table import BASE, NotFound, RouteRequest, RouteTable, route
 
+pytest_plugins = ["serving"]
+
 DEMO_DATA = Path(__file__).resolve().parents[1] / "train" / "demo" / "data"
 DEMO = ("ticket", "contact", "isodate")
 UNLIKE_ANY = "{[]}#### @@@@ ~~~~ ^^^^ |||| %%%% &&&& ++++"
@@ -194,3 +196,144 @@ def test_hot_adds_and_version_swaps_change_what_is_learnable(profiles):
     assert table.learned_names == {"ticket-v1", "contact-v1"}
     assert "isodate-v1" not in table.profiles  # a replaced version's profile is dropped
     assert route(RouteRequest(text=inputs("ticket", "eval")[0]), table.without_task("ticket")).task != "ticket"
+
+
+def test_the_option_is_declared_once_and_off_turns_the_index_off(tmp_path):
+    import httpx
+    import typer
+
+    from mtft.router import RouterConfig
+    from mtft.router.live import LiveTable
+    from mtft.serve.cli import app
+
+    options = {o for p in typer.main.get_command(app).params for o in (*p.opts, *p.secondary_opts)}
+    assert {"--learned-routing", "--no-learned-routing", "--learned-threshold"} <= options
+    config = dict(registry=tmp_path, backends=["http://127.0.0.1:9"], base_model="m", base_name="m",
+                  base_fingerprint="sha256:0", max_rank=8)
+    assert LiveTable(RouterConfig(**config), httpx.AsyncClient()).table.learned_threshold == DEFAULT_THRESHOLD
+    assert LiveTable(RouterConfig(**config, learned_routing=False), httpx.AsyncClient()).table.learned_threshold is None
+
+
+# -- through the real router and vLLM (the session stack: tiny adapters, demo-task inputs) ------------
+LEARNED = {"lr-ticket": ("yesno", "ticket"), "lr-date": ("echo", "isodate")}  # task: (adapter copied, inputs)
+
+
+def wait_for(client, task: str, timeout_s: float = 60.0) -> None:
+    import time
+
+    import openai
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            client.completions.create(model=task, prompt="x", max_tokens=1)
+            return
+        except openai.NotFoundError:
+            time.sleep(0.1)
+    raise TimeoutError(f"{task} not served after {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def learnable(stack_session):
+    """Two tasks with routing profiles of demo-task inputs, published while serving; withdrawn after."""
+    import openai
+
+    stack_session.wait_ready()
+    client = openai.OpenAI(base_url=stack_session.url + "/v1", api_key=stack_session.api_key, max_retries=0)
+    for task, (copied, kind) in LEARNED.items():
+        stack_session.publish_copy(copied, task=task, prefix=f"{task}: ", routing_inputs=inputs(kind, "train"))
+    for task in LEARNED:
+        wait_for(client, task)
+    yield client
+    for task in LEARNED:
+        stack_session.admin("DELETE", f"/{task}").raise_for_status()
+
+
+def asked(client, text: str, chat: bool = False, **options):
+    if chat:
+        raw = client.chat.completions.with_raw_response.create(
+            model="mtft", messages=[{"role": "user", "content": text}], max_tokens=2, **options)
+    else:
+        raw = client.completions.with_raw_response.create(model="mtft", prompt=text, max_tokens=2, **options)
+    raw.parse()
+    return raw.headers
+
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chat", [False, True])
+def test_un_prefixed_requests_reach_their_tasks_adapter(learnable, chat):
+    for task, (_, kind) in LEARNED.items():
+        for text in inputs(kind, "eval")[:4]:
+            headers = asked(learnable, text, chat)
+            assert (headers["x-mtft-route"], headers["x-mtft-task"], headers["x-mtft-adapter"]) == (
+                "learned", task, f"{task}-v1"), text
+            assert float(headers["x-mtft-learned-score"]) >= DEFAULT_THRESHOLD
+
+
+@pytest.mark.slow
+def test_explicit_routes_are_unchanged_and_unlike_inputs_get_the_default(learnable, stack):
+    import openai
+
+    date = inputs("isodate", "eval")[0]
+    raw = learnable.completions.with_raw_response.create(model="lr-ticket", prompt=date, max_tokens=2)
+    assert (raw.headers["x-mtft-route"], raw.headers["x-mtft-task"]) == ("model", "lr-ticket")
+    assert asked(learnable, "lr-ticket: " + date)["x-mtft-route"] == "prefix"
+    with pytest.raises(openai.NotFoundError, match="no task matches"):  # this stack has no --default
+        asked(learnable, UNLIKE_ANY)
+    metrics = httpx_get(stack.url + "/metrics")
+    assert 'mtft_learned_score_count{route="learned"}' in metrics
+    assert 'mtft_requests_total{adapter="lr-date-v1",route="learned",status="200",task="lr-date"}' in metrics
+
+
+def httpx_get(url: str) -> str:
+    import httpx
+
+    return httpx.get(url, timeout=10).text
+
+
+@pytest.mark.slow
+def test_a_task_limited_key_is_never_routed_outside_its_tasks(learnable, stack):
+    import openai
+
+    limited = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.limited_key, max_retries=0)
+    for kind in ("ticket", "isodate"):
+        for text in inputs(kind, "eval")[:3]:
+            try:
+                headers = asked(limited, text)
+            except openai.NotFoundError:
+                continue  # nothing it may use is like the text, and there is no default: 404, not 403
+            assert headers["x-mtft-task"] == "yesno"
+
+
+@pytest.mark.slow
+def test_a_hot_added_task_becomes_routable_and_a_damaged_profile_only_unroutable(learnable, stack):
+    import os
+    import shutil
+
+    from mtft.registry import Registry
+
+    contact = inputs("contact", "eval")[0]
+    assert asked(learnable, contact).get("x-mtft-task") != "lr-contact"
+    stack.publish_copy("yesno", task="lr-contact", prefix="lr-contact: ", routing_inputs=inputs("contact", "train"))
+    wait_for(learnable, "lr-contact")
+    assert (asked(learnable, contact)["x-mtft-route"], asked(learnable, contact)["x-mtft-task"]) == (
+        "learned", "lr-contact")
+    stack.admin("DELETE", "/lr-contact").raise_for_status()
+
+    # a version whose routing.json is damaged: served by name, never learned, serving goes on
+    scratch = Registry(stack.registry.parent / "scratch-damaged")
+    stack.publish_copy("yesno", scratch, task="lr-broken", prefix="lr-broken: ", routing_inputs=inputs("contact", "train"))
+    (scratch.version_dir("lr-broken", 1) / ROUTING_FILE).write_text("{damaged")
+    staged = stack.registry / ".staging" / "lr-broken-copy"
+    shutil.copytree(scratch.version_dir("lr-broken", 1), staged)
+    (stack.registry / "lr-broken").mkdir()
+    os.rename(staged, stack.registry / "lr-broken" / "v1")  # appears whole, as a publish would
+    wait_for(learnable, "lr-broken")
+    served = {r["task"]: r for r in stack.admin("GET").json()["served"]}
+    assert served["lr-broken"]["learned"] is False and served["lr-ticket"]["learned"] is True
+    assert asked(learnable, contact).get("x-mtft-task") != "lr-broken"
+    assert asked(learnable, inputs("ticket", "eval")[0])["x-mtft-task"] == "lr-ticket"
+    assert "lr-broken-v1 is not routable by learned routing: cannot read routing profile" in (
+        stack.state_dir / "router.log").read_text()
+    stack.admin("DELETE", "/lr-broken").raise_for_status()
