@@ -18,7 +18,11 @@ Methods, all over the same hashed 1-5 character n-grams (`mtft.registry.routing.
 Accuracy counts an abstention (default route) as an error. "Open set": a task's inputs while it is not served
 (leave one out) should abstain; the share that did is shown. Latency: `LearnedIndex.classify` per request with
 100 served tasks (the 8 tasks + 92 synthetic), p50/p99 over every held-out input. The PNG plots accuracy
-against the number of served tasks. Nothing here needs vLLM or a model.
+against the number of served tasks. Nothing above needs vLLM or a model; two optional parts do:
+  --embeddings BASE_DIR  a fourth method, centroids of the base model's (SmolLM2-135M) mean-pooled last hidden
+            states, on a bounded sample (--embed-train / --embed-eval per task), beside idf-centroid on the same sample
+  --downstream RUN=REGISTRY  (repeatable) the task metric when routed vs named on each training run's held-out
+            predictions, routing among the tasks of those registries; see `downstream` for exactly what runs
 """
 
 from __future__ import annotations
@@ -149,6 +153,62 @@ class _Pick:
 METHODS = {"idf-centroid": idf_centroid, "centroid": Plain, "naive-bayes": NaiveBayes}
 
 
+class BaseEmbedding:
+    """Centroids of SmolLM2-135M's mean-pooled last hidden states (the served base: no download), cosine.
+
+    What the router would have to run per request: a forward pass of the base model on the text.
+    """
+
+    def __init__(self, tasks: dict[str, Split], base: Path):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).model.eval()
+        self.tasks = sorted(tasks)
+        self.centroids = np.stack([self._unit(self.embed(tasks[t][0]).mean(0)) for t in self.tasks])
+
+    @staticmethod
+    def _unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+    def embed(self, texts: list[str], batch: int = 16) -> np.ndarray:
+        out = []
+        with self.torch.no_grad():
+            for i in range(0, len(texts), batch):
+                enc = self.tokenizer(texts[i:i + batch], return_tensors="pt", padding=True, truncation=True,
+                                     max_length=192)
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1)
+                out.append(self._unit(((hidden * mask).sum(1) / mask.sum(1)).numpy()))
+        return np.concatenate(out)
+
+    def classify(self, text: str):
+        sims = self.centroids @ self.embed([text])[0]
+        return _Pick(self.tasks[int(np.argmax(sims))])
+
+
+def embedding_rows(tasks: dict[str, Split], base: Path, train: int, held: int, threshold: float) -> tuple[dict, dict]:
+    """The base-embedding method on a bounded sample (`train` profile inputs, `held` held-out ones per task),
+    with idf-centroid on the very same sample for comparison, and per-request latency of each."""
+    small = {n: (tr[:train], ev[:held]) for n, (tr, ev) in tasks.items()}
+    start = time.perf_counter()
+    model = BaseEmbedding(small, base)
+    fit_s = time.perf_counter() - start
+    rows = {"base-embedding": evaluate(model, small, threshold),
+            "idf-centroid (same sample)": evaluate(idf_centroid(small, {n: build_profile(tr, "sha256:bench")
+                                                                     for n, (tr, _) in small.items()}), small, threshold)}
+    texts = [t for _, ev in small.values() for t in ev][:60]
+    times = []
+    for text in texts:
+        start = time.perf_counter()
+        model.classify(text)
+        times.append(time.perf_counter() - start)
+    return rows, {"p50_ms": float(np.percentile(times, 50) * 1e3), "p99_ms": float(np.percentile(times, 99) * 1e3),
+                  "fit_s": fit_s}
+
+
 def evaluate(model, tasks: dict[str, Split], threshold: float) -> dict[str, dict[str, float]]:
     rows = {}
     for name, (_, held) in tasks.items():
@@ -181,12 +241,12 @@ def scaling(tasks: dict[str, Split], synthetic: dict[str, Split], profiles: dict
         subsets = list(itertools.combinations(names, k))
         accs = [overall(evaluate(idf_centroid(dict((n, tasks[n]) for n in s), profiles),
                                  {n: tasks[n] for n in s}, threshold)) for s in rng.sample(subsets, min(6, len(subsets)))]
-        points.append({"tasks": k, "kind": "real+demo subsets", "accuracy": float(np.mean(accs))})
+        points.append({"tasks": k, "kind": "subsets of the 8 tasks", "accuracy": float(np.mean(accs))})
     for extra in (8, 17, 42, 92):
         served = {**tasks, **dict(itertools.islice(synthetic.items(), extra))}
         rows = evaluate(idf_centroid(served, profiles), served, threshold)
-        points.append({"tasks": len(served), "kind": "8 real+demo + synthetic: all inputs", "accuracy": overall(rows)})
-        points.append({"tasks": len(served), "kind": "8 real+demo + synthetic: real+demo inputs",
+        points.append({"tasks": len(served), "kind": "the 8 + synthetic: all inputs", "accuracy": overall(rows)})
+        points.append({"tasks": len(served), "kind": "the 8 + synthetic: the 8 tasks' inputs",
                        "accuracy": overall({n: rows[n] for n in tasks})})
     return points
 
@@ -206,6 +266,72 @@ def latency(tasks: dict[str, Split], synthetic: dict[str, Split], profiles: dict
         times.append(time.perf_counter() - start)
     return {"tasks": len(index), "p50_ms": float(np.percentile(times, 50) * 1e3),
             "p99_ms": float(np.percentile(times, 99) * 1e3), "build_ms": build_ms, "requests": len(times)}
+
+
+# -- downstream: the task's metric when routed vs when named, with the real adapters -------------------
+def downstream(runs: list[str], profiles: dict, threshold: float) -> list[dict]:
+    """Per task of each `RUN=REGISTRY` pair: its metric on the run's held-out predictions when named, and
+    when routed by learned routing among every task of those registries (the served set).
+
+    Named answers are the training run's saved evaluation predictions (greedy; the router renders and
+    answers a named request the same way). A request routed to its own task is that very computation, so
+    it keeps its answer; one routed to another task is generated again with that adapter and template
+    (HF + PEFT, greedy, as the router would send it); one that abstains would get a 404 (no default) and
+    scores 0.
+    """
+    from mtft.registry import Registry
+    from mtft.train.metrics import score
+
+    tasks = {}
+    for pair in runs:
+        run, _, registry = pair.partition("=")
+        labels = {t["name"]: t.get("labels") for t in json.loads((Path(run) / "spec.json").read_text())["tasks"]}
+        for task, record in Registry(registry).latest().items():
+            rows = [json.loads(line) for line in (Path(run) / "predictions" / task / "adapter.jsonl").open()]
+            tasks[task] = (record, Path(registry) / task / f"v{record.version}", labels.get(task), rows)
+    index = LearnedIndex({t: profiles[t] for t in tasks})
+    routed = {t: [index.classify(r["input"]) for r in rows] for t, (_, _, _, rows) in tasks.items()}
+    again = [(t, i, d.task) for t, ds in routed.items() for i, d in enumerate(ds)
+             if d.score >= threshold and d.task != t]
+    answers = _generate_with(again, tasks)
+    out = []
+    for task, (record, _, labels, rows) in tasks.items():
+        refs = [r["reference"] for r in rows]
+        named = [r["prediction"] for r in rows]
+        mine = [named[i] if d.task == task and d.score >= threshold else answers.get((task, i), "")
+                for i, d in enumerate(routed[task])]
+        a, b = score(record.metric, named, refs, labels=labels), score(record.metric, mine, refs, labels=labels)
+        out.append({"task": task, "metric": record.metric, "n": len(rows), "named": a, "routed": b,
+                    "misrouted": sum(1 for t, _, _ in again if t == task),
+                    "abstained": sum(1 for d in routed[task] if d.score < threshold)})
+    return out
+
+
+def _generate_with(jobs: list[tuple[str, int, str]], tasks: dict) -> dict[tuple[str, int], str]:
+    """Greedy answers of misrouted inputs from the adapter they were routed to."""
+    if not jobs:
+        return {}
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtft.registry import render_prompt
+    from mtft.train import generate
+    from mtft.train.evaluate import end_ids
+
+    base_dir = next(iter(tasks.values()))[0].base_model.path
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    out = {}
+    for target in sorted({j[2] for j in jobs}):
+        record, folder = tasks[target][0], tasks[target][1]
+        model = PeftModel.from_pretrained(base, folder)
+        mine = [(t, i) for t, i, to in jobs if to == target]
+        prompts = [render_prompt(record.template, record.prefix, tasks[t][3][i]["input"]) for t, i in mine]
+        answers = generate(model, tokenizer, prompts, record.max_new_tokens, end_ids(tokenizer, record.template.format), 8)
+        out.update(zip(mine, answers))
+        base = model.unload()
+    return out
 
 
 def plot(points: list[dict], path: Path) -> None:
@@ -236,6 +362,13 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=200, help="held-out inputs per real task")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embeddings", type=Path, default=None, metavar="BASE_DIR",
+                        help="also measure SmolLM2 mean-hidden-state centroids (a base model folder; slow, bounded "
+                        "to --embed-train/--embed-eval inputs per task)")
+    parser.add_argument("--embed-train", type=int, default=100)
+    parser.add_argument("--embed-eval", type=int, default=40)
+    parser.add_argument("--downstream", action="append", default=[], metavar="RUN=REGISTRY",
+                        help="a training run folder (its predictions/) and the registry it published to; repeatable")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -264,10 +397,31 @@ def main() -> None:
     lines += ["", f"decision latency (`LearnedIndex.classify`, {speed['tasks']} served tasks, {speed['requests']} "
               f"requests): p50 {speed['p50_ms']:.3f} ms, p99 {speed['p99_ms']:.3f} ms; index built in "
               f"{speed['build_ms']:.0f} ms; a profile built in {build_s * 1e3:.0f} ms per task at publish"]
+    quality = downstream(args.downstream, profiles, args.threshold) if args.downstream else []
+    if quality:
+        lines += ["", "| task | metric | held-out | named | routed | routed / named | misrouted | abstained |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {q['task']} | {q['metric']} | {q['n']} | {q['named']:.3f} | {q['routed']:.3f} | "
+                  f"{q['routed'] / q['named'] * 100:.1f} % | {q['misrouted']} | {q['abstained']} |" if q["named"] else
+                  f"| {q['task']} | {q['metric']} | {q['n']} | {q['named']:.3f} | {q['routed']:.3f} | n/a | "
+                  f"{q['misrouted']} | {q['abstained']} |" for q in quality]
+        scored = [q for q in quality if q["named"]]
+        lines.append(f"| all with a non-zero named score | | {sum(q['n'] for q in scored)} | | | **"
+                     f"{np.mean([q['routed'] / q['named'] for q in scored]) * 100:.1f} %** (mean over tasks) | "
+                     f"{sum(q['misrouted'] for q in quality)} | {sum(q['abstained'] for q in quality)} |")
+    if args.embeddings:
+        rows, cost = embedding_rows(tasks, args.embeddings, args.embed_train, args.embed_eval, args.threshold)
+        lines += ["", f"bounded sample ({args.embed_train} profile inputs, {args.embed_eval} held-out per task):",
+                  "", "| method | " + " | ".join(tasks) + " | all |", "|---|" + "---:|" * (len(tasks) + 1)]
+        lines += [f"| {m} | " + " | ".join(f"{r[n]['accuracy']:.3f}" for n in tasks) + f" | **{overall(r):.3f}** |"
+                  for m, r in rows.items()]
+        lines += ["", f"base-embedding: centroids in {cost['fit_s']:.0f} s; per request (one forward of the base, "
+                  f"{len(tasks)} tasks) p50 {cost['p50_ms']:.1f} ms, p99 {cost['p99_ms']:.1f} ms"]
     plot(points, args.out / "accuracy_vs_tasks.png")
     (args.out / "results.json").write_text(json.dumps(
         {"methods": {m: {t: {k: float(v) for k, v in r.items()} for t, r in rows.items()} for m, rows in results.items()},
-         "open_set": unserved, "scaling": points, "latency": speed}, indent=2))
+         "open_set": unserved, "scaling": points, "latency": speed,
+         "downstream": quality}, indent=2))
     text = "\n".join(lines)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
