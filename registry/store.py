@@ -119,36 +119,46 @@ class Registry:
             raise RegistryError(f"refusing to publish {adapter_dir}: " + "; ".join(problems))
         self.check_writable()
         staging = self.root / STAGING / f"{record.task}-{uuid.uuid4().hex}"
-        staging.mkdir(parents=True)
         try:
-            for name in ADAPTER_FILES:
-                shutil.copyfile(adapter_dir / name, staging / name)
-            if routing_inputs:
-                write_profile(staging, build_profile(list(routing_inputs), checksum(staging)))
-            while True:
-                version = (self.newest_version(record.task) or 0) + 1
-                final = record.model_copy(
-                    update={
-                        "version": version,
-                        "checksum": checksum(staging),
-                        "created": datetime.now(timezone.utc),
-                    }
-                )
-                _write_synced(staging / RECORD_FILE, final.model_dump_json(indent=2))
-                target = self.version_dir(record.task, version)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    # rename(2) of a directory is atomic; it fails if another
-                    # publisher took this version first, and then we take the next.
-                    os.rename(staging, target)
-                except OSError:
-                    if target.exists():
-                        continue
-                    raise
-                log.info("published %s to %s", final.name, target)
-                return final
+            return self._publish_staged(adapter_dir, record, staging, routing_inputs)
+        except OSError as exc:  # a full disk, a registry remounted read-only: nothing got in
+            where = exc.filename2 or exc.filename
+            raise RegistryError(f"cannot publish {record.task} into registry {self.root}: "
+                                f"{exc.strerror or exc}{f' ({where})' if where else ''}; nothing was published, "
+                                "the versions served before are unchanged") from exc
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+
+    def _publish_staged(self, adapter_dir: Path, record: AdapterRecord, staging: Path,
+                        routing_inputs: Sequence[str] | None) -> AdapterRecord:
+        """Write the version under `staging`, then rename it into place as the next free version."""
+        staging.mkdir(parents=True)
+        for name in ADAPTER_FILES:
+            shutil.copyfile(adapter_dir / name, staging / name)
+        if routing_inputs:
+            write_profile(staging, build_profile(list(routing_inputs), checksum(staging)))
+        while True:
+            version = (self.newest_version(record.task) or 0) + 1
+            final = record.model_copy(
+                update={
+                    "version": version,
+                    "checksum": checksum(staging),
+                    "created": datetime.now(timezone.utc),
+                }
+            )
+            _write_synced(staging / RECORD_FILE, final.model_dump_json(indent=2))
+            target = self.version_dir(record.task, version)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                # rename(2) of a directory is atomic; it fails if another
+                # publisher took this version first, and then we take the next.
+                os.rename(staging, target)
+            except OSError:
+                if target.exists():
+                    continue
+                raise
+            log.info("published %s to %s", final.name, target)
+            return final
 
     def read(self, task: str, version: int) -> AdapterRecord:
         path = self.version_dir(task, version) / RECORD_FILE

@@ -77,7 +77,7 @@ def parse(raw: bytes, path: str, task_header: str | None) -> tuple[CompletionBod
     """The validated body and what routing looks at (400 for bad JSON or fields)."""
     try:
         data = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
         raise APIError(400, f"request body is not JSON: {exc}", "invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_json")
@@ -192,11 +192,13 @@ def chat_chunk(chunk: dict, started: set[int], model: str) -> dict:
 
 
 def upstream_error(status: int, raw: bytes) -> APIError:
-    """vLLM's own error, re-raised in our shape (its status, its message)."""
+    """vLLM's own error, re-raised in our shape (its status, its message, the field it names)."""
+    param = None
     try:
         data = json.loads(raw)
         error = data.get("error", data)
         message = error.get("message") if isinstance(error, dict) else str(error)
+        param = error.get("param") if isinstance(error, dict) and isinstance(error.get("param"), str) else None
     except (ValueError, AttributeError):
         message = raw[:500].decode(errors="replace")
-    return APIError(status, f"vLLM: {message}", "upstream_error")
+    return APIError(status, f"vLLM: {message}", "upstream_error", param)

@@ -206,3 +206,10 @@ def test_server_paths_are_scrubbed_from_any_text(tmp_path):
     assert public.scrub(text) == ("could not place tiny; tiny: failed; registry <registry>/yesno/v1 lacks it; "
                                   "zero adapter <zero adapter>")
     assert str(tmp_path) not in public.scrub(text)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b'{"prompt": "\xff"}', b"[" * 100_000 + b"]" * 100_000, b"[1]", b""])
+def test_a_body_that_is_no_json_object_is_a_400(raw):
+    with pytest.raises(APIError, match="request body") as caught:
+        parse(raw, COMPLETIONS, None)
+    assert (caught.value.status, caught.value.code) == (400, "invalid_json")
