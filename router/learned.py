@@ -4,14 +4,14 @@ Pure and numpy only, so the decision is tested (and benchmarked) without HTTP. B
 per route table from the served versions' `routing.json` profiles (`mtft.registry.routing`):
 a hot-add or a version swap builds a new table and with it a new index, in milliseconds.
 
-Two scores per task, from one pass over the request's hashed n-grams:
-- which task: the cosine of the request to each task's centroid with every bucket weighted by
-  its inverse frequency among the served tasks' profiles, so n-grams every task shares
+Two scores per task, from one featurisation of the request:
+- which task: the cosine of its 1-5-gram vector to each task's centroid with every bucket weighted
+  by its inverse frequency among the served tasks' profiles, so n-grams every task shares
   (" the", "ing ") count for little and the ones only one task has decide;
-- whether at all (the gate, the score the router reports): the plain cosine to the chosen
-  task's centroid divided by the median its own held-back training inputs reached. It depends
-  on that task's profile alone, so adding other tasks never makes a task's inputs abstain;
-  below the threshold the request takes the default route.
+- whether at all (the gate, the score the router reports): the 3-5-gram cosine to the chosen
+  task's gate centroid divided by the median its own held-back training inputs reached. It
+  depends on that task's profile alone, so adding other tasks never makes a task's inputs
+  abstain; below the threshold the request takes the default route.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtft.registry import RoutingProfile
-from mtft.registry.routing import featurize
+from mtft.registry.routing import Sparse, featurize
 
 from .config import LEARNED_THRESHOLD as DEFAULT_THRESHOLD
 
@@ -31,64 +31,88 @@ from .config import LEARNED_THRESHOLD as DEFAULT_THRESHOLD
 class Decision:
     task: str
     score: float
-    """plain cosine / the task's own median: ~1 for a typical input, ~0.2 for gibberish."""
+    """gate cosine / the task's own median: ~1 for a typical input, near 0 for text unlike it."""
+
+
+class _Columns:
+    """Sparse centroids as one bucket-sorted matrix (rows: buckets, columns: tasks)."""
+
+    def __init__(self, centroids: list[Sparse]):
+        buckets = np.concatenate([b for b, _ in centroids])
+        columns = np.concatenate([np.full(len(b), i, dtype=np.int64) for i, (b, _) in enumerate(centroids)])
+        order = np.argsort(buckets, kind="stable")
+        self.columns = columns[order]
+        self.weights = np.concatenate([w for _, w in centroids])[order]
+        self.buckets, self.starts, self.counts = np.unique(buckets[order], return_index=True, return_counts=True)
+
+    def rows(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(which of `buckets` some centroid has, their row numbers)."""
+        at = np.searchsorted(self.buckets, buckets)
+        at[at == len(self.buckets)] = 0
+        hit = self.buckets[at] == buckets
+        return hit, at[hit]
+
+    def dot(self, rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
+        """Each column's dot product with the vector `weights` on `rows`."""
+        counts = self.counts[rows]
+        # every (bucket, task) entry of the hit rows, and the request's weight for each
+        entries = np.repeat(self.starts[rows] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
+        products = np.repeat(weights, counts) * self.weights[entries]
+        return np.bincount(self.columns[entries], weights=products, minlength=n)
 
 
 class LearnedIndex:
-    """The served tasks' profiles as one bucket-sorted sparse matrix (rows: buckets, columns: tasks)."""
+    """The served tasks' profiles, ready to score a request against all of them at once."""
 
     def __init__(self, profiles: Mapping[str, RoutingProfile]):
         self.tasks = sorted(profiles)
-        arrays = [profiles[t].arrays() for t in self.tasks]
         self.self_similarity = np.array([profiles[t].self_similarity for t in self.tasks], dtype=np.float32)
-        if not arrays:
-            self.buckets = np.zeros(0, dtype=np.int64)
+        if not self.tasks:
             return
-        buckets = np.concatenate([b for b, _ in arrays])
-        columns = np.concatenate([np.full(len(b), i, dtype=np.int64) for i, (b, _) in enumerate(arrays)])
-        weights = np.concatenate([w for _, w in arrays])
-        order = np.argsort(buckets, kind="stable")
-        buckets, self.columns, self.weights = buckets[order], columns[order], weights[order]
-        self.buckets, starts, df = np.unique(buckets, return_index=True, return_counts=True)
-        self.starts, self.counts = starts, df
-        idf = np.log((1 + len(self.tasks)) / (1 + df)).astype(np.float32) + 1
-        self.idf, self.unseen_idf = idf, np.float32(np.log(1 + len(self.tasks)) + 1)
-        squared = (self.weights * np.repeat(idf, df)) ** 2
-        self.idf_norms = np.sqrt(np.bincount(self.columns, weights=squared, minlength=len(self.tasks)))
+        self.choose = _Columns([profiles[t].choose() for t in self.tasks])
+        self.gates = [_sorted(profiles[t].gate()) for t in self.tasks]
+        n = len(self.tasks)
+        self.idf = np.log((1 + n) / (1 + self.choose.counts)).astype(np.float32) + 1
+        self.unseen_idf = np.float32(np.log(1 + n) + 1)
+        weighted = self.choose.weights * np.repeat(self.idf, self.choose.counts)
+        self.idf_norms = np.sqrt(np.bincount(self.choose.columns, weights=weighted ** 2, minlength=n))
+        self.choose.weights = weighted / self.idf_norms[self.choose.columns]
 
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def scores(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        """(IDF-weighted cosine, plain cosine) of `text` to every task's centroid, in `self.tasks` order."""
-        n = len(self.tasks)
-        if not len(self.buckets):
-            return np.zeros(n), np.zeros(n)
-        x_buckets, x_weights = featurize(text)
-        at = np.searchsorted(self.buckets, x_buckets)
-        at[at == len(self.buckets)] = 0
-        hit = self.buckets[at] == x_buckets
+    def choose_scores(self, choose: Sparse) -> np.ndarray:
+        """The IDF-weighted cosine of a request's 1-5-gram vector to every task, in `self.tasks` order."""
+        buckets, weights = choose
+        hit, rows = self.choose.rows(buckets)
         # a bucket no served task has weighs as much as the rarest: it makes the request less like all
-        x_idf = np.where(hit, self.idf[at], self.unseen_idf)
-        norm = float(np.sqrt(np.sum((x_weights * x_idf) ** 2))) or 1.0
-        rows, x_weights, x_idf = at[hit], x_weights[hit], x_idf[hit]
-        counts = self.counts[rows]
-        # every (bucket, task) entry of the hit buckets, and the request's weight for each
-        entries = np.repeat(self.starts[rows] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-        products = np.repeat(x_weights, counts) * self.weights[entries]
-        plain = np.bincount(self.columns[entries], weights=products, minlength=n)
-        weighted = np.bincount(self.columns[entries], weights=products * np.repeat(x_idf * x_idf, counts),
-                               minlength=n)
-        return weighted / (self.idf_norms * norm), plain
+        idf = np.full(len(buckets), self.unseen_idf, dtype=np.float32)
+        idf[hit] = self.idf[rows]
+        weighted = weights * idf
+        return self.choose.dot(rows, weighted[hit] / (np.linalg.norm(weighted) or 1.0), len(self.tasks))
+
+    def gate_score(self, i: int, gate: Sparse) -> float:
+        """Task i's gate: the 3-5-gram cosine relative to its own held-back inputs' median."""
+        buckets, weights = self.gates[i]
+        at = np.searchsorted(buckets, gate[0])
+        at[at == len(buckets)] = 0
+        hit = buckets[at] == gate[0]
+        return float(np.dot(gate[1][hit], weights[at[hit]]) / self.self_similarity[i])
 
     def classify(self, text: str, allowed: frozenset[str] | None = None) -> Decision | None:
         """The most similar task among `allowed` (None: all) with its gate score; None if none is allowed."""
         if not self.tasks or not text:
             return None
-        weighted, plain = self.scores(text)
+        choose, gate = featurize(text)
+        scores = self.choose_scores(choose)
         if allowed is not None:
-            weighted = np.where([t in allowed for t in self.tasks], weighted, -np.inf)
-        best = int(np.argmax(weighted))
-        if not np.isfinite(weighted[best]):
+            scores = np.where([t in allowed for t in self.tasks], scores, -np.inf)
+        best = int(np.argmax(scores))
+        if not np.isfinite(scores[best]):
             return None
-        return Decision(self.tasks[best], float(plain[best] / self.self_similarity[best]))
+        return Decision(self.tasks[best], self.gate_score(best, gate))
+
+
+def _sorted(centroid: Sparse) -> Sparse:
+    order = np.argsort(centroid[0])
+    return centroid[0][order], centroid[1][order]

@@ -22,7 +22,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import httpx
@@ -107,7 +107,8 @@ class LiveTable:
             record = await self._admit(task, version, replacing=self.table.current.get(task))
             old = self.table.current.get(task)
             self.withdrawn.pop(task, None)
-            self._swap(self.table.with_adapter(record, await asyncio.to_thread(self._profile, record)))
+            profile = await asyncio.to_thread(self._profile, record)
+            self._swap(self.table.with_adapter(record, profile))
             if old is not None and old.name != record.name:
                 self._retire(old.name)
             log.info("serving %s as %s (route table has %d tasks)", task, record.name, len(self.table.current))
@@ -266,6 +267,9 @@ class LiveTable:
         backend was away (try again next poll)."""
         complete = True
         on_disk = self.registry.tasks()
+        if frozenset(on_disk) != self.table.registered:
+            async with self._lock:
+                self._swap(replace(self.table, registered=frozenset(on_disk)))
         for task in on_disk:
             try:
                 serving, rollout = self.registry.serving(task), self.registry.rollout(task)

@@ -7,6 +7,7 @@ route table, then the real router and vLLM (the session stack of tests/serving.p
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,10 @@ def test_a_hot_added_task_becomes_routable_and_a_damaged_profile_only_unroutable
     assert "lr-broken-v1 is not routable by learned routing: cannot read routing profile" in (
         stack.state_dir / "router.log").read_text()
     stack.admin("DELETE", "/lr-broken").raise_for_status()
+
+
+def test_a_model_naming_a_task_not_served_now_is_never_learned_routed(profiles):
+    table = replace(table_of(profiles, tasks=("ticket", "contact")), registered=frozenset({"ticket", "contact", "isodate"}))
+    date = inputs("isodate", "eval")[0]
+    assert route(RouteRequest(model="isodate", text=date), table).matched == "default"  # withdrawn, say
+    assert route(RouteRequest(model="gpt-4o", text=inputs("ticket", "eval")[0]), table).matched == "learned"
