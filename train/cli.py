@@ -15,6 +15,7 @@ from mtft.registry import Registry, RegistryError
 
 from .base import BaseModelError, mtft_home, resolve_base
 from .multitask import check_shared_run, train_one_pass, train_shared
+from .processes import is_main_process
 from .run import train_adapters
 from .session import RunOptions, TaskResult, check_run
 from .spec import SpecError, load_spec
@@ -99,6 +100,8 @@ def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, 
         results = trainer(spec, options)
     except (SpecError, RegistryError, BaseModelError) as exc:
         _fail(exc)
+    if not is_main_process():  # under accelerate launch the main process reports for the run
+        return
     typer.echo(format_results(results, label))
     typer.echo(f"\nadapters published to {options.registry}; curves in {options.output / 'curves.png'}")
 

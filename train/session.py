@@ -4,6 +4,8 @@
 any training, and is all `--check` runs. A `Session` then loads the frozen base once and owns the
 run folder: `spec.json`, `state.json` (what a `--resume` can skip, and the config each task was
 trained with), the run log, zero-shot scores, evaluation, publishing and `results.json`.
+Under `accelerate launch` every process holds a session; only the main process writes files,
+evaluates and publishes, and the others receive what they need from it (`processes.Ranks`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from .base import mtft_home, resolve_base
 from .batches import Tokenized, tokenize
 from .data import TaskData, load_task_data
 from .evaluate import evaluate
+from .processes import Ranks, check_processes
 from .runlog import RunLog, plot
 from .spec import Spec, SpecError, TaskSpec
 
@@ -109,11 +112,14 @@ def check_run(spec: Spec, options: RunOptions) -> Checked:
     return Checked(tasks, base_dir, tokenizer, templates, data)
 
 
-def set_threads(requested: int | None) -> int:
-    """All cores by default; a server beside training should get an explicit lower count."""
-    threads = requested or os.cpu_count() or 1
+def set_threads(requested: int | None, processes: int = 1) -> int:
+    """All cores (shared by this machine's training processes) by default; a server beside training
+    should get an explicit lower count."""
+    threads = requested or max(1, (os.cpu_count() or 1) // processes)
     torch.set_num_threads(threads)
-    reason = "from the spec" if requested else "all cores (set training.threads to share the machine)"
+    reason = "from the spec" if requested else (
+        f"all cores over {processes} processes" if processes > 1 else "all cores") + (
+        " (set training.threads to share the machine)")
     log.info("using %d CPU threads: %s", threads, reason)
     return threads
 
@@ -141,19 +147,27 @@ class Session:
         from transformers import AutoModelForCausalLM
 
         self.spec, self.options, self.checked, self.tasks = spec, options, checked, checked.tasks
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.ranks = ranks = Ranks(self.accelerator)
+        problems = check_processes(spec.training.batch_size, ranks.count, str(self.accelerator.distributed_type.value))
+        if problems:
+            raise SpecError(str(spec.source), problems)
+        if not ranks.is_main:  # every process runs the same program: the main one logs for all
+            logging.getLogger("mtft").setLevel(logging.ERROR)
         self.tokenizer = checked.tokenizer
         self.base_ref = BaseModelRef(name=spec.base_model, path=str(checked.base_dir),
                                      fingerprint=fingerprint(checked.base_dir))
         self.registry = Registry(options.registry)
-        options.output.mkdir(parents=True, exist_ok=True)
-        (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
         self.state_path = options.output / "state.json"
         self.state = RunState.load(self.state_path) if options.resume else RunState()
+        ranks.wait()  # every process has read state.json before the main one changes it
         self.log = RunLog(options.output)
-        if not options.resume:
-            self.log.clear()
-        set_threads(spec.training.threads)
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        if ranks.is_main:
+            options.output.mkdir(parents=True, exist_ok=True)
+            (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
+            if not options.resume:
+                self.log.clear()
+        set_threads(spec.training.threads, ranks.local_count)
         self.dtype, reason = choose_dtype(spec.training.dtype, self.accelerator.device)
         log.info("base model in %s: %s", str(self.dtype).removeprefix("torch."), reason)
         torch.manual_seed(spec.training.seed)
@@ -164,7 +178,8 @@ class Session:
         return self.state.tasks.setdefault(name, TaskState())
 
     def save_state(self) -> None:
-        self.state.save(self.state_path)
+        if self.ranks.is_main:
+            self.state.save(self.state_path)
 
     def config_hash(self, not_shaping: set[str] = NOT_SHAPING, **parts) -> str:
         """Hash of everything that shapes a training's result (`parts`: its tasks and mode)."""
@@ -223,8 +238,12 @@ class Session:
     def score(self, model, task: TaskSpec, label: str) -> float:
         """The task's metric on its held-out split, greedy, as the router would answer.
 
-        The predictions go to `predictions/<task>/<label>.jsonl`, each with its own score.
+        The predictions go to `predictions/<task>/<label>.jsonl`, each with its own score. The
+        main process evaluates; every process gets the score (dynamic mixing may follow it).
         """
+        return self.ranks.from_main(lambda: self._score(model, task, label))
+
+    def _score(self, model, task: TaskSpec, label: str) -> float:
         examples = self.checked.data[task.name].eval
         result = evaluate(model, self.tokenizer, examples, task.metric, task.labels, task.max_new_tokens,
                           self.end_ids(task), self.spec.training.eval_batch_size, f"eval {task.name} ({label})")
@@ -241,7 +260,13 @@ class Session:
 
         The cache key is everything the score depends on (base, dtype, template, metric, eval data,
         batching), so a repeated run or another recipe on the same tasks does not evaluate again.
+        The main process scores; every process gets its state.
         """
+        if self.ranks.is_main:
+            self._score_base()
+        self.state = self.ranks.from_main(lambda: self.state)
+
+    def _score_base(self) -> None:
         for task in self.tasks:
             state = self.task_state(task.name)
             if state.base_score is not None or state.version is not None:
@@ -255,7 +280,7 @@ class Session:
                 predictions.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
                 how = f"cached in {cached}"
             else:
-                state.base_score = self.score(self.model, task, "base")
+                state.base_score = self._score(self.model, task, "base")
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cached.with_suffix(f".{os.getpid()}.tmp")
                 head = {"score": state.base_score, "interval": state.base_interval}
@@ -273,7 +298,16 @@ class Session:
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def publish(self, task: TaskSpec, weights: dict[str, torch.Tensor], trained_by: str, log: RunLog, steps: int) -> None:
-        """Write `weights` (a PEFT LoRA state dict on the bare base) as a PEFT adapter and publish it."""
+        """Write `weights` (a PEFT LoRA state dict on the bare base) as a PEFT adapter and publish it.
+
+        Once, by the main process; every process learns the version.
+        """
+        self.task_state(task.name).version = self.ranks.from_main(
+            lambda: self._publish(task, weights, trained_by, log, steps))
+        self.save_state()
+
+    def _publish(self, task: TaskSpec, weights: dict[str, torch.Tensor], trained_by: str, log: RunLog,
+                 steps: int) -> int:
         from peft import get_peft_model, set_peft_model_state_dict
 
         state = self.task_state(task.name)
@@ -293,8 +327,7 @@ class Session:
             eval_examples=len(self.checked.data[task.name].eval), max_new_tokens=task.max_new_tokens,
             trained_by=trained_by,
         )
-        state.version = self.registry.publish(adapter_dir, record).version
-        self.save_state()
+        return self.registry.publish(adapter_dir, record).version
 
     def result(self, task: TaskSpec, **shared) -> TaskResult:
         """The task's final row; shared runs add `separate`, `seen` and `share`."""
@@ -304,6 +337,8 @@ class Session:
 
     def finish(self, mode: str, results: list[TaskResult], stage_ends: list[int] | None = None) -> list[TaskResult]:
         """`curves.png` from the run log and `results.json`: the run's final per-task scores."""
+        if not self.ranks.is_main:
+            return results
         plot(self.log.rows(), self.options.output / "curves.png", {t.name: t.metric for t in self.tasks}, stage_ends)
         rows = {r.task: {k: v for k, v in asdict(r).items() if k != "task" and v is not None} for r in results}
         (self.options.output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
