@@ -1,48 +1,28 @@
-"""`mtft-train`: thin typer commands that build a config and call a plain function."""
+"""Fine-tune a frozen base model for many tasks and publish one LoRA adapter per task.
+
+Example: mtft-train adapters --config tasks.yaml (then serve them all: mtft-serve)
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from mtft.registry import Registry, RegistryError
+from mtft.registry import RegistryError
 
-from .base import BaseModelError, mtft_home, resolve_base
+from .base import BaseModelError, resolve_base
 from .multitask import check_shared_run, train_one_pass, train_shared
 from .processes import is_main_process
+from .registry_cli import RegistryOption, fail, registry_app, registry_path, setup_logging, table
 from .run import train_adapters
 from .session import RunOptions, TaskResult, check_run
 from .spec import SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-registry_app = typer.Typer(no_args_is_help=True, help="Inspect the adapter registry.")
 app.add_typer(registry_app, name="registry")
-
-RegistryOption = Annotated[
-    Optional[Path],
-    typer.Option("--registry", help="adapter registry folder [default: $MTFT_REGISTRY or $MTFT_HOME/registry]"),
-]
-
-
-def _registry_path(value: Path | None) -> Path:
-    return value or Path(os.environ.get("MTFT_REGISTRY") or mtft_home() / "registry")
-
-
-def _fail(exc: Exception) -> None:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr)
-
+REJECTED_EXIT = 3  # trained and published, but a publish gate kept a version from serving
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="task spec YAML")]
 TaskOption = Annotated[Optional[list[str]], typer.Option("--task", "-t", help="train only these tasks")]
@@ -65,7 +45,10 @@ def adapters(
         "--one-pass", help="train every task's adapter in one run on mixed batches (base loaded once); "
         "each adapter equals the one trained alone")] = False,
 ) -> None:
-    """Train one LoRA adapter per task and publish each into the registry."""
+    """Train one LoRA adapter per task on the frozen base and publish each into the registry.
+
+    Example: mtft-train adapters --config tasks.yaml --task ticket
+    """
     _run(config, task, registry, output or Path("runs") / config.stem, resume, check, threads,
          train_one_pass if one_pass else train_adapters, "adapter", check_run)
 
@@ -80,30 +63,39 @@ def shared(
     check: CheckOption = False,
     threads: ThreadsOption = None,
 ) -> None:
-    """Train one shared adapter conditioned on task embeddings; publish each task's export."""
+    """Train one adapter shared by all tasks (with learned task embeddings); publish each task's exact export.
+
+    Example: mtft-train shared --config tasks.yaml
+    """
     _run(config, task, registry, output or Path("runs") / f"{config.stem}-shared", resume, check, threads,
          train_shared, "shared adapter", check_shared_run)
 
 
 def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, threads, trainer, label: str,
          checker) -> None:
-    _logging()
+    setup_logging()
     try:
         spec = load_spec(config)
         if threads is not None:
             spec.training.threads = threads
-        options = RunOptions(output=output, registry=_registry_path(registry), tasks=task, resume=resume)
+        options = RunOptions(output=output, registry=registry_path(registry), tasks=task, resume=resume)
         if check:
             checker(spec, options)
             typer.echo(f"{config}: OK ({len(options.tasks or spec.tasks)} tasks)")
             return
         results = trainer(spec, options)
     except (SpecError, RegistryError, BaseModelError) as exc:
-        _fail(exc)
+        fail(exc)
     if not is_main_process():  # under accelerate launch the main process reports for the run
         return
     typer.echo(format_results(results, label))
     typer.echo(f"\nadapters published to {options.registry}; curves in {options.output / 'curves.png'}")
+    for r in (r for r in results if r.rejected):
+        typer.echo(f"\n{r.task} v{r.version} failed its publish gate ({r.gate.reason}; rule {r.gate.rule}): it is in "
+                   f"the registry marked rejected and does not serve. To serve it anyway: "
+                   f"mtft-train registry pin {r.task} {r.version} --force", err=True)
+    if any(r.rejected for r in results):
+        raise typer.Exit(REJECTED_EXIT)
 
 
 def format_results(results: list[TaskResult], label: str = "adapter") -> str:
@@ -120,46 +112,20 @@ def format_results(results: list[TaskResult], label: str = "adapter") -> str:
         seen = (f"{r.seen} ({r.share:.0%})",) if shared else ()
         rows.append((r.task, r.metric, f"{r.base:.3f}", *separate, f"{r.adapter:.3f}", f"[{low:.3f}, {high:.3f}]",
                      f"{r.adapter - r.base:+.3f}", f"v{r.version}", *seen))
-    return _table(rows)
-
-
-def _table(rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return table(rows)
 
 
 @app.command("prepare-base")
 def prepare_base(name: Annotated[str, typer.Argument(help="base model")] = "smollm2-135m") -> None:
-    """Convert the embedded base model (or check a folder) ahead of training and serving."""
-    _logging()
+    """Convert the embedded base model once (or check a model folder) and print its folder.
+
+    Example: mtft-train prepare-base smollm2-135m
+    """
+    setup_logging()
     try:
         typer.echo(resolve_base(name))
     except BaseModelError as exc:
-        _fail(exc)
-
-
-@registry_app.command("list")
-def registry_list(
-    registry: RegistryOption = None,
-    all_versions: Annotated[bool, typer.Option("--all", help="every version, not only the newest")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON record per line")] = False,
-) -> None:
-    """Show published adapters with their eval metrics."""
-    store = Registry(_registry_path(registry))
-    records = store.records() if all_versions else list(store.latest().values())
-    if as_json:
-        for record in records:
-            typer.echo(record.model_dump_json())
-        return
-    if not records:
-        typer.echo(f"no adapters in {store.root}")
-        return
-    rows = [("task", "version", "prefix", "metric", "base", "adapter", "rank", "created")]
-    for r in records:
-        rows.append((r.task, f"v{r.version}", json.dumps(r.prefix), r.metric,
-                     f"{r.metrics.get('base', float('nan')):.3f}", f"{r.metrics.get('adapter', float('nan')):.3f}",
-                     str(r.rank), r.created.strftime("%Y-%m-%d %H:%M") if r.created else "-"))
-    typer.echo(_table(rows))
+        fail(exc)
 
 
 if __name__ == "__main__":
