@@ -21,11 +21,15 @@ is broadcast from it (`Ranks.from_main`).
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Callable, TypeVar
 
 import torch
 
 T = TypeVar("T")
+# The other processes wait in a collective while the main one evaluates, scores the base or publishes:
+# longer than torch's defaults (NCCL 10 min, gloo 30 min) for a large eval split on a big model.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
 DATA_PARALLEL = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU"}
 
 
@@ -41,6 +45,15 @@ def check_processes(batch_size: int, processes: int, distributed_type: str) -> l
                         f"launch: every process takes batch_size / processes examples of each micro-batch; make "
                         f"batch_size a multiple of {processes} or launch a number of processes that divides it")
     return problems
+
+
+def start_accelerator():
+    """The run's accelerator: CUDA where there is one, and collectives that outwait an evaluation."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 
 def is_main_process() -> bool:
