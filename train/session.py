@@ -21,11 +21,13 @@ import torch
 from pydantic import BaseModel
 
 from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, fingerprint
+from mtft.registry.rollout import Gate
 
 from .base import mtft_home, resolve_base
 from .batches import Tokenized, tokenize
 from .data import TaskData, load_task_data
-from .evaluate import evaluate
+from .evaluate import end_ids, evaluate
+from .gate import baseline, eval_hash, judge, serving_record
 from .processes import Ranks, check_processes, start_accelerator
 from .runlog import RunLog, plot
 from .spec import Spec, SpecError, TaskSpec
@@ -50,6 +52,7 @@ class TaskState(BaseModel):
     base_interval: tuple[float, float] | None = None  # bootstrap 95 %
     adapter_interval: tuple[float, float] | None = None
     config_hash: str | None = None  # of the training that made (or makes) this task's adapter
+    gate: Gate | None = None  # the publish gate's verdict on the published version
 
 
 class RunState(BaseModel):
@@ -79,6 +82,11 @@ class TaskResult:
     adapter_interval: tuple[float, float] | None = None
     seen: int | None = None  # shared runs: examples trained on
     share: float | None = None  # shared runs: `seen` / what the task's own run would train on
+    gate: Gate | None = None  # None: the task has no publish gate
+
+    @property
+    def rejected(self) -> bool:
+        return self.gate is not None and not self.gate.passed
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,13 @@ def check_run(spec: Spec, options: RunOptions) -> Checked:
             data[task.name] = load_task_data(spec, task, templates[task.name], spec.training.seed)
         except SpecError as exc:
             problems += exc.problems
+    for task in tasks:
+        gate = spec.gate(task)
+        if gate is not None and task.name in data and len(data[task.name].eval) < gate.min_eval_examples:
+            problems.append(
+                f"task {task.name!r}: publish.gate judges versions on the eval split, which has "
+                f"{len(data[task.name].eval)} examples (fewer than min_eval_examples: {gate.min_eval_examples}); "
+                "give data.eval or a larger eval_fraction, or lower publish.gate.min_eval_examples")
     if problems:
         raise SpecError(str(spec.source), problems)
     return Checked(tasks, base_dir, tokenizer, templates, data)
@@ -205,13 +220,7 @@ class Session:
         return resumable
 
     def end_ids(self, task: TaskSpec) -> list[int]:
-        """Answers end with the chat end token in chat format, with EOS in plain format."""
-        tokenizer, eos = self.tokenizer, self.tokenizer.eos_token_id
-        if task.template.format == "chat":
-            im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-            if im_end is not None and im_end != tokenizer.unk_token_id:
-                return [im_end] + ([eos] if eos is not None and eos != im_end else [])
-        return [eos]
+        return end_ids(self.tokenizer, task.template.format)
 
     @property
     def pad_id(self) -> int:
@@ -301,12 +310,16 @@ class Session:
 
         Once, by the main process; every process learns the version.
         """
-        self.task_state(task.name).version = self.ranks.from_main(
-            lambda: self._publish(task, weights, trained_by, log, steps))
+        state = self.task_state(task.name)
+        state.version, state.gate = self.ranks.from_main(lambda: self._publish(task, weights, trained_by, log, steps))
         self.save_state()
+        if state.gate is not None and not state.gate.passed:
+            logging.getLogger(__name__).warning(  # `log` is the run log here
+                "%s: v%d failed its publish gate (%s): published as rejected, not served",
+                task.name, state.version, state.gate.reason)
 
     def _publish(self, task: TaskSpec, weights: dict[str, torch.Tensor], trained_by: str, log: RunLog,
-                 steps: int) -> int:
+                 steps: int) -> tuple[int, Gate | None]:
         from peft import get_peft_model, set_peft_model_state_dict
 
         state = self.task_state(task.name)
@@ -319,27 +332,51 @@ class Session:
         self.model = peft_model.unload()
         _point_config_at(adapter_dir, self.checked.base_dir)
         lora = self.spec.lora
+        examples = self.checked.data[task.name].eval
+        gate = self._judge(task, state.adapter_score, eval_hash(examples))
         record = AdapterRecord(
             task=task.name, prefix=task.prefix, template=self.checked.templates[task.name], base_model=self.base_ref,
             rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules), metric=task.metric,
             metrics={"base": state.base_score, "adapter": state.adapter_score},
-            eval_examples=len(self.checked.data[task.name].eval), max_new_tokens=task.max_new_tokens,
-            trained_by=trained_by,
+            labels=task.labels, eval_examples=len(examples), eval_hash=eval_hash(examples),
+            max_new_tokens=task.max_new_tokens,
+            trained_by=trained_by, gate=gate,
         )
-        return self.registry.publish(adapter_dir, record).version
+        return self.registry.publish(adapter_dir, record).version, gate
+
+    def _judge(self, task: TaskSpec, score: float, examples_hash: str) -> Gate | None:
+        """The gate's verdict on a new version scoring `score`; None where the task has no gate."""
+        rule = self.spec.gate(task)
+        if rule is None:
+            return None
+        serving = serving_record(self.registry, task.name, self.base_ref.fingerprint) if rule.no_worse is not None \
+            else None
+        return judge(rule, score, baseline(serving, examples_hash, lambda record: self._score_published(task, record)))
+
+    def _score_published(self, task: TaskSpec, record: AdapterRecord) -> float:
+        """A published version's score on this run's eval split (the base model is left as it was)."""
+        from peft import PeftModel
+
+        log.info("%s: scoring the serving v%d on this run's eval data for the gate", task.name, record.version)
+        model = PeftModel.from_pretrained(self.model, self.registry.version_dir(task.name, record.version))
+        try:
+            return self._score(model.eval(), task, f"serving-v{record.version}")
+        finally:
+            self.model = model.unload()
 
     def result(self, task: TaskSpec, **shared) -> TaskResult:
         """The task's final row; shared runs add `separate`, `seen` and `share`."""
         s = self.state.tasks[task.name]
         return TaskResult(task.name, task.metric, s.base_score, s.adapter_score, s.version,
-                          base_interval=s.base_interval, adapter_interval=s.adapter_interval, **shared)
+                          base_interval=s.base_interval, adapter_interval=s.adapter_interval, gate=s.gate, **shared)
 
     def finish(self, mode: str, results: list[TaskResult], stage_ends: list[int] | None = None) -> list[TaskResult]:
         """`curves.png` from the run log and `results.json`: the run's final per-task scores."""
         if not self.ranks.is_main:
             return results
         plot(self.log.rows(), self.options.output / "curves.png", {t.name: t.metric for t in self.tasks}, stage_ends)
-        rows = {r.task: {k: v for k, v in asdict(r).items() if k != "task" and v is not None} for r in results}
+        rows = {r.task: {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in asdict(r).items()
+                         if k != "task" and v is not None} for r in results}
         (self.options.output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
         return results
 
