@@ -33,7 +33,7 @@ test: venv
 # Side-by-side ratios; each script prints its own table (minutes on 2 cores: run on a quiet machine).
 bench: venv
 	$(BIN)/mtft-train prepare-base smollm2-135m
-	for script in lora_throughput router_latency one_pass train_speed learned_routing; do $(BIN)/python bench/$$script.py || exit 1; done
+	for script in lora_throughput router_latency one_pass train_speed learned_routing processes; do $(BIN)/python bench/$$script.py || exit 1; done
 
 # Real data (SST-2, GSM8K, SciTLDR; never copied here): base vs per-task adapters vs shared, ~1 h on 2 cores.
 DATA ?= ../shared/data
