@@ -35,15 +35,31 @@ class Decision:
 
 
 class _Columns:
-    """Sparse centroids as one bucket-sorted matrix (rows: buckets, columns: tasks)."""
+    """Sparse centroids as one bucket-sorted matrix (rows: buckets, columns: tasks). Rows that many
+    tasks share (most of a request's n-grams hit those) are also kept dense: one matrix-vector
+    product for them instead of expanding thousands of (bucket, task) entries per request."""
+
+    DENSE_FROM = 8  # tasks sharing a row
 
     def __init__(self, centroids: list[Sparse]):
+        n = len(centroids)
         buckets = np.concatenate([b for b, _ in centroids])
         columns = np.concatenate([np.full(len(b), i, dtype=np.int64) for i, (b, _) in enumerate(centroids)])
         order = np.argsort(buckets, kind="stable")
         self.columns = columns[order]
         self.weights = np.concatenate([w for _, w in centroids])[order]
         self.buckets, self.starts, self.counts = np.unique(buckets[order], return_index=True, return_counts=True)
+        shared = np.flatnonzero(self.counts >= self.DENSE_FROM)
+        self.dense_of = np.full(len(self.buckets), -1, dtype=np.int64)
+        self.dense_of[shared] = np.arange(len(shared))
+        self.dense = np.zeros((len(shared), n), dtype=np.float32)
+        entries = self._entries(shared)
+        self.dense[np.repeat(np.arange(len(shared)), self.counts[shared]), self.columns[entries]] = self.weights[entries]
+
+    def _entries(self, rows: np.ndarray) -> np.ndarray:
+        """Every (bucket, task) entry of these rows, row after row."""
+        counts = self.counts[rows]
+        return np.repeat(self.starts[rows] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
 
     def rows(self, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(which of `buckets` some centroid has, their row numbers)."""
@@ -54,11 +70,18 @@ class _Columns:
 
     def dot(self, rows: np.ndarray, weights: np.ndarray, n: int) -> np.ndarray:
         """Each column's dot product with the vector `weights` on `rows`."""
-        counts = self.counts[rows]
-        # every (bucket, task) entry of the hit rows, and the request's weight for each
-        entries = np.repeat(self.starts[rows] - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-        products = np.repeat(weights, counts) * self.weights[entries]
-        return np.bincount(self.columns[entries], weights=products, minlength=n)
+        dense = self.dense_of[rows]
+        shared = dense >= 0
+        out = weights[shared] @ self.dense[dense[shared]]
+        rows, weights = rows[~shared], weights[~shared]
+        entries = self._entries(rows)
+        products = np.repeat(weights, self.counts[rows]) * self.weights[entries]
+        return out + np.bincount(self.columns[entries], weights=products, minlength=n)
+
+    def rescale(self, factors: np.ndarray, norms: np.ndarray) -> None:
+        """Multiply row i by factors[i] and divide column j by norms[j] (the IDF weighting)."""
+        self.weights = self.weights * np.repeat(factors, self.counts) / norms[self.columns]
+        self.dense *= factors[self.dense_of >= 0][:, None] / norms[None, :]
 
 
 class LearnedIndex:
@@ -75,8 +98,7 @@ class LearnedIndex:
         self.idf = np.log((1 + n) / (1 + self.choose.counts)).astype(np.float32) + 1
         self.unseen_idf = np.float32(np.log(1 + n) + 1)
         weighted = self.choose.weights * np.repeat(self.idf, self.choose.counts)
-        self.idf_norms = np.sqrt(np.bincount(self.choose.columns, weights=weighted ** 2, minlength=n))
-        self.choose.weights = weighted / self.idf_norms[self.choose.columns]
+        self.choose.rescale(self.idf, np.sqrt(np.bincount(self.choose.columns, weights=weighted ** 2, minlength=n)))
 
     def __len__(self) -> int:
         return len(self.tasks)
