@@ -96,6 +96,22 @@ def answer(client: openai.OpenAI, model: str, text: str, **options) -> tuple[str
     return raw.parse().choices[0].text, raw.headers["x-mtft-adapter"]
 
 
+TEXTS = ["the quick brown fox", "hello world paris", "a lazy dog jumps"]
+
+
+def wait_until_served(client: openai.OpenAI, task: str, adapter: str, timeout_s: float = 30.0, **options) -> float:
+    """Seconds until `task` answers from `adapter`."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_s:
+        try:
+            if answer(client, task, TEXTS[0], **options)[1] == adapter:
+                return time.monotonic() - started
+        except openai.NotFoundError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{task} was not served by {adapter} within {timeout_s} s")
+
+
 class Background:
     """Threads running `_run(arg)` for each of `args` while a `with` block lasts."""
 

@@ -11,26 +11,12 @@ from collections import Counter
 
 import openai
 import pytest
-from serving import Load, answer
+from serving import TEXTS, Load, answer, wait_until_served
 
 from mtft.registry import RECORD_FILE, Registry, checksum
 
 pytest_plugins = ["serving"]
 pytestmark = pytest.mark.slow
-TEXTS = ["the quick brown fox", "hello world paris", "a lazy dog jumps"]
-
-
-def wait_until_served(client: openai.OpenAI, task: str, adapter: str, timeout_s: float = 30.0) -> float:
-    """Seconds until `task` answers from `adapter`."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout_s:
-        try:
-            if answer(client, task, TEXTS[0])[1] == adapter:
-                return time.monotonic() - started
-        except openai.NotFoundError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{task} was not served by {adapter} within {timeout_s} s")
 
 
 def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_request(client, stack):
