@@ -267,9 +267,9 @@ class LiveTable:
         backend was away (try again next poll)."""
         complete = True
         on_disk = self.registry.tasks()
-        if frozenset(on_disk) != self.table.registered:
+        if not self.table.known_tasks.issuperset(on_disk):
             async with self._lock:
-                self._swap(replace(self.table, registered=frozenset(on_disk)))
+                self._swap(replace(self.table, known_tasks=self.table.known_tasks | set(on_disk)))
         for task in on_disk:
             try:
                 serving, rollout = self.registry.serving(task), self.registry.rollout(task)

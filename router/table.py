@@ -62,9 +62,9 @@ class RouteTable:
     """adapter name -> its routing profile (versions published without one have none)."""
     learned_threshold: float | None = None
     """the least learned score that routes; None: learned routing is off."""
-    registered: frozenset[str] = frozenset()
-    """every task in the registry: a `model` naming one not served now asked for that task, so it is
-    never learned-routed to another (it gets the default, or a 404)."""
+    known_tasks: frozenset[str] = frozenset()
+    """every task this router has seen in the registry: a `model` naming one that is not served now
+    (withdrawn, rejected, removed) asked for that task, so it is never learned-routed to another."""
     prefixes: Mapping[str, str] = field(default_factory=dict, init=False)
     prefix_lengths: tuple[int, ...] = field(default=(), init=False)
     learned: LearnedIndex = field(default=None, init=False)
@@ -185,7 +185,7 @@ def route(request: RouteRequest, table: RouteTable) -> Route:
             if task is not None:
                 return _task_route("prefix", table, task, request)
     score = None
-    if request.text and len(table.learned) and model not in table.registered:
+    if request.text and len(table.learned) and model not in table.known_tasks:
         decision = table.learned.classify(request.text, request.allowed)
         if decision is not None and decision.score >= table.learned_threshold:
             return replace(_task_route("learned", table, decision.task, request), score=decision.score)

@@ -341,7 +341,17 @@ def test_a_hot_added_task_becomes_routable_and_a_damaged_profile_only_unroutable
 
 
 def test_a_model_naming_a_task_not_served_now_is_never_learned_routed(profiles):
-    table = replace(table_of(profiles, tasks=("ticket", "contact")), registered=frozenset({"ticket", "contact", "isodate"}))
+    table = replace(table_of(profiles, tasks=("ticket", "contact")),
+                    known_tasks=frozenset({"ticket", "contact", "isodate"}))
     date = inputs("isodate", "eval")[0]
-    assert route(RouteRequest(model="isodate", text=date), table).matched == "default"  # withdrawn, say
+    assert route(RouteRequest(model="isodate", text=date), table).matched == "default"  # withdrawn or removed
     assert route(RouteRequest(model="gpt-4o", text=inputs("ticket", "eval")[0]), table).matched == "learned"
+
+
+@pytest.mark.slow
+def test_training_publishes_a_routing_profile_of_the_training_inputs(trained):
+    _, options, _ = trained
+    registry = Registry(options.registry)
+    for task, record in registry.latest().items():
+        profile = read_profile(registry.version_dir(task, record.version), record.checksum)
+        assert profile.examples == 36, task  # the tiny spec: 48 rows, a quarter held out for eval

@@ -342,7 +342,9 @@ class Session:
             max_new_tokens=task.max_new_tokens,
             trained_by=trained_by, gate=gate,
         )
-        return self.registry.publish(adapter_dir, record).version, gate
+        # The routing profile: every training input as a client would send it (rendered, no prefix).
+        inputs = [e.input for e in self.checked.data[task.name].train]
+        return self.registry.publish(adapter_dir, record, routing_inputs=inputs).version, gate
 
     def _judge(self, task: TaskSpec, score: float, examples_hash: str) -> Gate | None:
         """The gate's verdict on a new version scoring `score`; None where the task has no gate."""
