@@ -173,3 +173,13 @@ def test_a_gate_needs_enough_eval_examples(tmp_path, tiny_base):
 def test_a_gate_without_a_rule_is_a_spec_error_with_its_line(tmp_path, tiny_base):
     with pytest.raises(SpecError, match=r"tasks.yaml:\d+: publish.gate: .*a gate needs min, no_worse or both"):
         load_spec(gated_spec(tmp_path, tiny_base, {"min_eval_examples": 5}))
+
+
+def test_shared_exports_go_through_the_same_gate(tmp_path, tiny_base):
+    spec = gated_spec(tmp_path, tiny_base, {"min": 1.01}, max_steps=4, eval_every=None)  # no score reaches it
+    result = CliRunner().invoke(app, ["shared", "--config", str(spec), "--registry", str(tmp_path / "reg"),
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == REJECTED_EXIT, result.output
+    store = Registry(tmp_path / "reg")
+    assert {t: store.read(t, 1).rejected for t in store.tasks()} == {"yesno": True, "echo": True}
+    assert store.served() == {}

@@ -135,3 +135,14 @@ def test_the_record_of_a_rejected_version_says_why(tmp_path, adapter_dir):
     saved = json.loads((registry.version_dir("yesno", 1) / "mtft.json").read_text())
     assert saved["gate"] == {"passed": False, "rule": "min: 0.5", "score": 0.25, "baseline": None,
                              "baseline_version": None, "reason": "0.25 < 0.5"}
+
+
+def test_publishes_racing_on_one_task_each_get_their_own_whole_version(tmp_path, adapter_dir):
+    from concurrent.futures import ThreadPoolExecutor
+
+    registry = Registry(tmp_path / "reg")
+    with ThreadPoolExecutor(8) as pool:
+        versions = sorted(pool.map(lambda _: publish(registry, adapter_dir), range(16)))
+    assert versions == list(range(1, 17)) == registry.versions("yesno")
+    assert all(registry.read("yesno", v).version == v for v in versions)
+    assert not any((tmp_path / "reg" / ".staging").iterdir())
