@@ -34,7 +34,10 @@ CONFIG_FILE = inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annota
 
 
 def serve(**options: object) -> None:
-    """Serve every task adapter in REGISTRY behind one OpenAI-compatible endpoint."""
+    """Serve every task's adapter from the registry behind one OpenAI-compatible endpoint (vLLM + the router).
+
+    Example: mtft-serve --registry runs/registry --port 8000  (then: model="ticket", or prompts "ticket: ...")
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     config_file = options.pop("config")
