@@ -25,8 +25,10 @@ from .table import BASE
 endpoints = APIRouter()
 
 
-def allowed_tasks(request: Request) -> frozenset[str] | None:
-    """The tasks the caller's key may use; None: any (no keys are configured, or the key has no list)."""
+async def allowed_tasks(request: Request) -> frozenset[str] | None:
+    """The tasks the caller's key may use; None: any (no keys are configured, or the key has no list).
+
+    Async, as every dependency here: FastAPI runs a plain `def` in a worker thread, a hop per request."""
     keys = request.app.state.keys
     if not keys.api:
         return None
@@ -36,7 +38,7 @@ def allowed_tasks(request: Request) -> frozenset[str] | None:
     return keys.api[key]
 
 
-def check_admin(request: Request) -> None:
+async def check_admin(request: Request) -> None:
     admin = request.app.state.keys.admin
     if admin is None:
         raise APIError(401, "admin endpoints are off: set MTFT_ADMIN_KEY", "admin_disabled")
@@ -126,7 +128,7 @@ def _admin_target(raw: bytes, live: LiveTable) -> tuple[str, int | None]:
     """`{"task": t, "version": n}` or `{"path": "<task>/v<n>"}` (relative to, and inside, the registry)."""
     try:
         data = json.loads(raw or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise APIError(400, f"request body is not JSON: {exc}", "invalid_json") from exc
     if not isinstance(data, dict) or set(data) - {"task", "version", "path"}:
         raise APIError(400, "body must be {task, version?} or {path}", "invalid_request")

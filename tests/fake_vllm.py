@@ -5,10 +5,12 @@ Only what the router calls: `/health`, `/v1/models`, runtime adapter (un)loading
 as (`"8101:yesno-v1"`), so a test sees where each request went. Run in a thread
 (`app(...)` with `serve_in_thread`) or as a process that a test can SIGKILL:
 
-    python tests/fake_vllm.py PORT BASE [--max-rank R] [--delay S] [--events FILE] [--no-runtime-lora]
+    python tests/fake_vllm.py PORT BASE [--max-rank R] [--delay S] [--chunk-delay S] [--events FILE]
+                                        [--no-runtime-lora]
 
 `--max-rank` refuses larger adapters as vLLM does (500 with its message); `--delay` holds each
-non-streamed answer; `--events` appends one JSON line per load and per completion.
+non-streamed answer, `--chunk-delay` each stream chunk (default 0.05 s); `--events` appends one
+JSON line per load and per completion.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def app(base: str, port: int = 0, max_rank: int | None = None, delay_s: float = 0.0, events: Path | None = None,
-        runtime_lora: bool = True) -> Starlette:
+        runtime_lora: bool = True, chunk_delay_s: float = 0.05) -> Starlette:
     held: set[str] = set()
 
     def note(what: str, model: str) -> None:
@@ -87,7 +89,7 @@ def app(base: str, port: int = 0, max_rank: int | None = None, delay_s: float = 
 
         async def lines():
             for _ in range(CHUNKS):
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(chunk_delay_s)
                 chunk = {"id": "cmpl-1", "model": body["model"], "choices": [{"index": 0, "text": "x"}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
             yield f"data: {json.dumps({'id': 'cmpl-1', 'choices': [], 'usage': usage})}\n\n"
@@ -168,6 +170,8 @@ if __name__ == "__main__":
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--events", type=Path)
     parser.add_argument("--no-runtime-lora", action="store_true")
+    parser.add_argument("--chunk-delay", type=float, default=0.05)
     args = parser.parse_args()
-    uvicorn.run(app(args.base, args.port, args.max_rank, args.delay, args.events, not args.no_runtime_lora),
+    uvicorn.run(app(args.base, args.port, args.max_rank, args.delay, args.events, not args.no_runtime_lora,
+                    args.chunk_delay),
                 host="127.0.0.1", port=args.port, log_level="warning")
