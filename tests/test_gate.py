@@ -183,3 +183,20 @@ def test_shared_exports_go_through_the_same_gate(tmp_path, tiny_base):
     store = Registry(tmp_path / "reg")
     assert {t: store.read(t, 1).rejected for t in store.tasks()} == {"yesno": True, "echo": True}
     assert store.served() == {}
+
+
+def test_a_shared_export_worse_than_the_per_task_adapter_is_marked_and_the_better_one_keeps_serving(
+        registry, tmp_path, tiny_base):
+    """Negative transfer, made certain: the shared run barely trains. `no_worse: 0` is prefer-the-better."""
+    spec = gated_spec(tmp_path, tiny_base, {"no_worse": 0.0, "min_eval_examples": 5},
+                      max_steps=1, learning_rate=1e-7, eval_every=None)
+    result = CliRunner().invoke(app, ["shared", "--config", str(spec), "--registry", str(registry),
+                                      "--output", str(tmp_path / "run")])
+    assert result.exit_code == REJECTED_EXIT, result.output
+    store = Registry(registry)
+    per_task = store.read("yesno", 1).metrics["adapter"]
+    assert f"{per_task:.3f} (better)" in result.output
+    assert "negative transfer: yesno's shared export scores" in result.output
+    assert store.read("yesno", 2).trained_by == "mtft-train shared" and store.read("yesno", 2).rejected
+    assert store.serving("yesno").primary == 1
+    assert store.serving("echo").primary == 1  # no per-task echo adapter to be worse than

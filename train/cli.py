@@ -90,6 +90,10 @@ def _run(config: Path, task, registry, output: Path, resume: bool, check: bool, 
         return
     typer.echo(format_results(results, label))
     typer.echo(f"\nadapters published to {options.registry}; curves in {options.output / 'curves.png'}")
+    for r in (r for r in results if r.negative_transfer):
+        typer.echo(f"\nnegative transfer: {r.task}'s shared export scores {r.adapter:.3f} (95% up to "
+                   f"{r.adapter_interval[1]:.3f}), below its per-task adapter's {r.separate:.3f}. With publish.gate "
+                   "{no_worse: 0} the better per-task adapter keeps serving.", err=True)
     for r in (r for r in results if r.rejected):
         typer.echo(f"\n{r.task} v{r.version} failed its publish gate ({r.gate.reason}; rule {r.gate.rule}): it is in "
                    f"the registry marked rejected and does not serve. To serve it anyway: "
@@ -107,7 +111,8 @@ def format_results(results: list[TaskResult], label: str = "adapter") -> str:
             + (label, "95% interval", "gain", "version") + (("examples (share)",) if shared else ()))
     rows = [head]
     for r in results:
-        separate = (f"{r.separate:.3f}" if r.separate is not None else "-",) if compare else ()
+        separate = (f"{r.separate:.3f}" + (" (better)" if r.negative_transfer else "") if r.separate is not None
+                    else "-",) if compare else ()
         low, high = r.adapter_interval or (float("nan"), float("nan"))
         seen = (f"{r.seen} ({r.share:.0%})",) if shared else ()
         rows.append((r.task, r.metric, f"{r.base:.3f}", *separate, f"{r.adapter:.3f}", f"[{low:.3f}, {high:.3f}]",

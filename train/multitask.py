@@ -20,6 +20,7 @@ from .batches import Tokenized
 from .loop import total_steps
 from .plans import LockstepPlan
 from .processes import Ranks
+from .gate import eval_hash
 from .session import Checked, RunOptions, Session, TaskResult, check_run
 from .shared import SharedPlan, check_shared, forgetting_table, plan_stages
 from .spec import Spec, SpecError
@@ -47,8 +48,9 @@ def train_shared(spec: Spec, options: RunOptions) -> list[TaskResult]:
             log.warning("%s trained on %d examples, %.0f%% of the %d its own adapter would see: expect it to "
                         "fall behind its per-task adapter; give it more weight (multitask.mixing) or more steps",
                         task.name, seen, 100 * seen / own, own)
-        results.append(session.result(task, separate=per_task_adapter(session.registry, task.name, session.base_ref),
-                                      seen=seen, share=seen / own))
+        separate = per_task_adapter(session.registry, task.name, session.base_ref,
+                                    eval_hash(session.checked.data[task.name].eval))
+        results.append(session.result(task, separate=separate, seen=seen, share=seen / own))
     return session.finish("shared", results, plan.ends[:-1])
 
 
@@ -117,10 +119,10 @@ def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained
     return session, plan
 
 
-def per_task_adapter(registry: Registry, task: str, base: BaseModelRef) -> float | None:
-    """The newest separately trained adapter's score for `task` on the same base, for comparison."""
-    for record in sorted(registry.records(), key=lambda r: -r.version):
-        if (record.task == task and record.trained_by.startswith("mtft-train adapters")
-                and record.base_model.fingerprint == base.fingerprint):
-            return record.metrics.get("adapter")
-    return None
+def per_task_adapter(registry: Registry, task: str, base: BaseModelRef, examples_hash: str) -> float | None:
+    """The newest separately trained adapter's score for `task` on the same base, for comparison;
+    one scored on the same eval examples first."""
+    own = [r for r in registry.records() if r.task == task and r.trained_by.startswith("mtft-train adapters")
+           and r.base_model.fingerprint == base.fingerprint and "adapter" in r.metrics]
+    best = max(own, key=lambda r: (r.eval_hash == examples_hash, r.version), default=None)
+    return best.metrics["adapter"] if best is not None else None

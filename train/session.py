@@ -88,6 +88,12 @@ class TaskResult:
     def rejected(self) -> bool:
         return self.gate is not None and not self.gate.passed
 
+    @property
+    def negative_transfer(self) -> bool:
+        """Shared runs: the export scores below the per-task adapter beyond its 95 % interval."""
+        interval, separate = self.adapter_interval, self.separate
+        return separate is not None and interval is not None and interval[1] < separate
+
 
 @dataclass(frozen=True)
 class Checked:
