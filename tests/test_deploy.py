@@ -45,6 +45,11 @@ K8S_VERSION = "1.33"  # oldest Kubernetes the manifests target; strict schema: u
 # Measured PSS of one mtft-serve tree on SmolLM2-135M with a 1 GiB KV cache: 3.1-3.2 GiB, of
 # which everything but the KV cache (router, mtft-serve, vLLM's API server, engine, worker) is:
 NON_KV_GIB = 2.2
+# Of those, a router-only `mtft-serve --replicas 0` runs mtft-serve (0.19) and the router (0.05).
+ROUTER_ONLY_GIB = 0.25
+# What `mtft-serve --vllm-only` answers probes on: vLLM's own routes (serve/stack.py checks a
+# --backend's /health the same way).
+VLLM_PROBE_ROUTES = ("/health",)
 # Variables read by others than mtft (names starting MTFT_ must be in mtft's own source).
 THIRD_PARTY_ENV = {
     "PYTHONUNBUFFERED": "python", "PIP_NO_CACHE_DIR": "pip", "PIP_DISABLE_PIP_VERSION_CHECK": "pip",
@@ -69,8 +74,10 @@ def clis() -> dict:
 
 @functools.cache
 def probe_routes() -> dict[str, APIRoute]:
-    """The router's GET routes that need no key (a probe sends none); config is not read to list them."""
-    app = create_app(RouterConfig.model_construct(), keys=Keys())
+    """The router's GET routes that need no key (a probe sends none); no registry or backend is read to list them."""
+    config = RouterConfig.model_construct(registry=Path("/nonexistent"), backends=[], base_model="/base",
+                                          base_name="base", base_fingerprint="", max_rank=16)
+    app = create_app(config, keys=Keys())
     return {r.path: r for r in app.routes if isinstance(r, APIRoute) and "GET" in r.methods
             and not r.dependant.dependencies and not r.dependencies}
 
@@ -227,18 +234,24 @@ def path_problems(c: Container, option: str, path: Path, home: Path) -> list[str
 
 
 def serve_problems(c: Container, params: dict) -> list[str]:
+    """The router (or, with --vllm-only, the one vLLM backend) listens where the container says."""
     problems = []
     port = params.get("port") or ServeConfig.model_fields["port"].default
+    what = "vLLM" if params.get("vllm_only") else "the router"
+    routes = VLLM_PROBE_ROUTES if params.get("vllm_only") else sorted(probe_routes())
     if params.get("host") not in ("0.0.0.0", "::"):
-        problems.append(f"{c.where}: --host {params.get('host')}: the router must listen on 0.0.0.0 in a container")
+        problems.append(f"{c.where}: --host {params.get('host')}: {what} must listen on 0.0.0.0 in a container")
     if port not in c.ports.values():
-        problems.append(f"{c.where}: the router listens on {port}, the container declares {sorted(c.ports.values())}")
+        problems.append(f"{c.where}: {what} listens on {port}, the container declares {sorted(c.ports.values())}")
     for path, probe_port in c.probes:
-        if path not in probe_routes():
-            problems.append(f"{c.where}: probe {path} is not a keyless GET route of the router: {sorted(probe_routes())}")
+        if path not in routes:
+            problems.append(f"{c.where}: probe {path} is not a keyless GET route of {what}: {list(routes)}")
         if c.ports.get(probe_port, probe_port) != port:
-            problems.append(f"{c.where}: probe {path} on port {probe_port}, the router listens on {port}")
-    needed = (params.get("kv_cache_gib") or ServeConfig.model_fields["kv_cache_gib"].default) + NON_KV_GIB
+            problems.append(f"{c.where}: probe {path} on port {probe_port}, {what} listens on {port}")
+    if params.get("replicas") == 0:  # the router alone: no vLLM in this container
+        needed = ROUTER_ONLY_GIB
+    else:
+        needed = (params.get("kv_cache_gib") or ServeConfig.model_fields["kv_cache_gib"].default) + NON_KV_GIB
     if c.memory_request_gib is not None and c.memory_request_gib < needed:
         problems.append(f"{c.where}: memory request {c.memory_request_gib:.2f} GiB < measured {needed:.2f} GiB")
     if c.memory_limit_gib is not None and c.memory_limit_gib < max(needed, c.memory_request_gib or 0) + c.shm_gib:
@@ -312,13 +325,22 @@ def k8s_containers(obj: dict) -> list[Container]:
     return found
 
 
+WORKLOADS = ("Deployment", "StatefulSet", "Job")
+
+
+def selected_workloads(objects: list[dict], selector: dict[str, str]) -> list[dict]:
+    """The workloads whose pods carry every label of `selector` (a Service's or a NetworkPolicy's)."""
+    return [o for o in objects if o["kind"] in WORKLOADS
+            and selector.items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+
+
 def k8s_problems(objects: list[dict]) -> list[str]:
     """Schema, containers and the references between objects (claims, Secrets, Services)."""
     problems = [p for obj in objects for p in schema_problems(obj)]
     claims = {o["metadata"]["name"]: o for o in objects if o["kind"] == "PersistentVolumeClaim"}
     secret = yaml.safe_load(SECRET_TEMPLATE.read_text())
     for obj in objects:
-        if obj["kind"] in ("Deployment", "Job"):
+        if obj["kind"] in WORKLOADS:
             for c in k8s_containers(obj):
                 problems += container_problems(c)
                 for volume, _ in (c.mounts or {}).values():
@@ -329,8 +351,7 @@ def k8s_problems(objects: list[dict]) -> list[str]:
                     if ref[0] != secret["metadata"]["name"] or ref[1] not in secret["stringData"]:
                         problems.append(f"{c.where}: Secret key {'/'.join(ref)} is not in {SECRET_TEMPLATE.name}")
         if obj["kind"] == "Service":
-            pods = [o for o in objects if o["kind"] == "Deployment"
-                    and obj["spec"]["selector"].items() <= o["spec"]["template"]["metadata"]["labels"].items()]
+            pods = selected_workloads(objects, obj["spec"]["selector"])
             names = {name for o in pods for c in k8s_containers(o) for name in c.ports}
             problems += [f"Service/{obj['metadata']['name']}: targetPort {p['targetPort']} matches no pod port {names}"
                          for p in obj["spec"]["ports"] if not pods or p["targetPort"] not in names]
@@ -353,15 +374,15 @@ def compose_problems(compose: dict) -> list[str]:
         probes = [(u.path, u.port) for u in map(urlparse, re.findall(r"http://[^'\"\s]+", check))]
         problems += container_problems(Container(
             where, service["command"], {k: str(v) for k, v in service.get("environment", {}).items()},
-            mounts=mounts, ports={p: int(p.split(":")[-1]) for p in service.get("ports", [])}, probes=probes,
+            mounts=mounts, ports={p: int(p.split(":")[-1]) for p in service.get("ports", []) + service.get("expose", [])}, probes=probes,
             image=service["image"], memory_limit_gib=gib(service["mem_limit"]) if "mem_limit" in service else None,
             shm_gib=gib(service.get("shm_size", 0))))
     return problems
 
 
 @functools.cache
-def compose() -> dict:
-    return yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+def compose(name: str = "compose.yaml") -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
 
 
 def serve_deployment() -> dict:
@@ -387,9 +408,11 @@ def test_every_manifest_is_part_of_a_kustomization():
 @pytest.mark.parametrize("folder", kustomizations(), ids=lambda p: str(p.relative_to(K8S)))
 def test_kustomization_renders_valid_objects_that_agree_with_the_code(folder):
     objects = list(render(folder))
-    if folder.name == "train":  # the Job needs the claim that the serving kustomization declares
-        objects += [o for o in render(K8S / "serve") if o["kind"] == "PersistentVolumeClaim"]
-    assert {o["kind"] for o in objects} >= ({"Job"} if folder.name == "train" else {"Deployment", "Service"})
+    if folder.name == "train":  # the Job needs the claim that the registry kustomization declares
+        objects += render(K8S / "registry")
+    expected = {"train": {"Job"}, "registry": {"PersistentVolumeClaim"},
+                "scale": {"StatefulSet", "Deployment", "Service", "NetworkPolicy"}}
+    assert {o["kind"] for o in objects} >= expected.get(folder.name, {"Deployment", "Service"})
     assert all("namespace" not in o["metadata"] for o in objects)
     assert k8s_problems(objects) == []
 
