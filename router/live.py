@@ -141,6 +141,7 @@ class LiveTable:
                 raise APIError(409, str(exc), "invalid_rollout", "task") from exc
         if version is None or version not in versions:
             raise APIError(404, f"registry {self.registry.root} has no {task}/v{version}", "unknown_adapter", "task")
+        self._know(task)  # before any refusal: a client naming a refused task must not be routed elsewhere
         # In a thread: the checksum reads every adapter byte, and requests must keep flowing.
         record, problems = await asyncio.to_thread(
             servable_problems, self.registry, task, version, self.config.base_fingerprint, self.config.max_rank)
@@ -192,6 +193,11 @@ class LiveTable:
         except ProfileError as exc:
             log.warning("%s is not routable by learned routing: %s", record.name, exc)
             return None
+
+    def _know(self, *tasks: str) -> None:
+        """Tasks in the registry: a `model` naming one never takes the learned route (table.py)."""
+        if not self.table.known_tasks.issuperset(tasks):
+            self._swap(replace(self.table, known_tasks=self.table.known_tasks | set(tasks)))
 
     def _swap(self, table: RouteTable) -> None:
         """One reference swap; the pinned set follows the pinned tasks' current versions (and canaries)."""
@@ -269,7 +275,7 @@ class LiveTable:
         on_disk = self.registry.tasks()
         if not self.table.known_tasks.issuperset(on_disk):
             async with self._lock:
-                self._swap(replace(self.table, known_tasks=self.table.known_tasks | set(on_disk)))
+                self._know(*on_disk)
         for task in on_disk:
             try:
                 serving, rollout = self.registry.serving(task), self.registry.rollout(task)
