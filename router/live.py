@@ -43,6 +43,7 @@ from .backends import Refused
 from .config import RouterConfig
 from .errors import APIError, Unavailable
 from .pool import Pool
+from .public import Public
 from .table import Route, RouteTable, Split
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ class LiveTable:
         self.config = config
         self.registry = Registry(config.registry)
         self.table = RouteTable(
-            base_names=frozenset({"base", config.base_name, config.base_model}),
+            base_names=frozenset({"base", config.base_name, config.base_model, Public.of(config).base}),
             base_target=config.base_adapter or config.base_model,
             default=config.default,
             learned_threshold=config.learned_threshold if config.learned_routing else None,
@@ -287,6 +288,10 @@ class LiveTable:
             self._rollouts[task] = rollout
             current = self.table.current.get(task)
             primary = serving.primary
+            if primary is None and current is not None:  # every servable version was removed or rejected
+                log.info("task %s has no version left to serve", task)
+                await self.remove(task)
+                continue
             try:
                 if primary is not None and (current is None or current.version != primary) \
                         and (task, primary) not in self.rejected and self.withdrawn.get(task) != primary:

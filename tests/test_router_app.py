@@ -179,12 +179,13 @@ def base_by_path(registry: Registry, tiny_base: Path) -> Iterator[str]:
 
 def test_a_base_served_from_a_folder_is_shown_by_its_name_only(base_by_path, tiny_base):
     requests = [{"model": "base", "prompt": "hi"}, {"model": "base", "prompt": "hi", "stream": True},
-                {"model": "base", "prompt": 3}]
+                {"model": "base", "prompt": 3}, {"model": tiny_base.name, "prompt": "hi"}]
     with httpx.Client(base_url=base_by_path) as client:
         answers = [client.post("/v1/completions", json=body) for body in requests]
         models = client.get("/v1/models").json()["data"][0]
         metrics = client.get("/metrics").text
-    whole, streamed, refused = answers
+    whole, streamed, refused, by_public_name = answers
+    assert by_public_name.headers["x-mtft-route"] == "base", "the name a client sees must route back to the base"
     assert models["root"] == models["adapter"] == tiny_base.name
     assert whole.json()["model"] == whole.headers["x-mtft-adapter"] == tiny_base.name
     chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
@@ -193,3 +194,18 @@ def test_a_base_served_from_a_folder_is_shown_by_its_name_only(base_by_path, tin
     # The fake vLLM's answer text names the model it was asked for; everything else must not.
     shown = [json.dumps({**whole.json(), "choices": None}), str(models), metrics, refused.text, *whole.headers.values()]
     assert not [text for text in shown if str(tiny_base) in text]
+
+
+def test_a_task_left_with_no_servable_version_stops_being_served(router, registry):
+    from mtft.registry.rollout import Gate
+
+    source = registry.latest()["yesno"]
+    folder = registry.version_dir("yesno", source.version)
+    registry.publish(folder, source.model_copy(update={"task": "fading", "prefix": "fading: "}))
+    ask = lambda: httpx.post(router + "/v1/completions", json={"model": "fading", "prompt": "x"})  # noqa: E731
+    wait_for(lambda: ask().status_code == 200)
+    failed = Gate(passed=False, rule="min: 0.9", score=0.1, reason="0.100 < min 0.9")
+    registry.publish(folder, source.model_copy(update={"task": "fading", "prefix": "fading: ", "gate": failed}))
+    registry.remove("fading", 1)  # only the rejected v2 is left
+    wait_for(lambda: ask().status_code == 404)
+    assert "fading" not in httpx.get(router + "/ready").json()["tasks"]
