@@ -138,6 +138,15 @@ def test_bad_registry_commands_are_refused_and_change_nothing(registry, args, me
     assert sorted(str(p.relative_to(registry)) for p in registry.rglob("*")) == before
 
 
+@pytest.mark.parametrize("args", [("show", "yesno"), ("pin", "yesno", 1), ("promote", "yesno", 1, "--canary", "5%"),
+                                  ("rollback", "yesno"), ("remove", "yesno", 1)])
+def test_a_damaged_rollout_file_is_named_by_every_command(registry, args):
+    (registry / "yesno" / "rollout.json").write_text("{not json")
+    result = cli("registry", *args, "--registry", registry)
+    assert result.exit_code == 2 and "yesno/rollout.json" in result.output and "fix or delete it" in result.output
+    assert "Traceback" not in result.output and Registry(registry).versions("yesno") == [1]
+
+
 def test_registry_eval_reproduces_the_published_score(good, registry, tmp_path):
     _, run = good
     # The run's eval split, as a data file: the rows its predictions came from, in their order.

@@ -110,10 +110,7 @@ def show(task: TaskArgument, registry: RegistryOption = None) -> None:
     Example: mtft-train registry show ticket
     """
     store = _store(registry, task)
-    try:
-        rollout, serving = store.rollout(task), store.serving(task)
-    except RegistryError as exc:
-        fail(exc)
+    rollout, serving = store.rollout(task), store.serving(task)
     rows = [("version", "state", "base", "adapter", "gate", "trained by", "created")]
     for v in store.versions(task):
         try:
@@ -253,9 +250,14 @@ def evaluate_published(
 
 
 def _store(registry: Path | None, task: str) -> Registry:
+    """The registry, once it is known to hold `task` with a readable rollout state."""
     store = Registry(registry_path(registry))
     if not store.versions(task):
         fail(f"registry {store.root} has no task {task!r}; tasks: {store.tasks()}")
+    try:
+        store.serving(task)
+    except RegistryError as exc:
+        fail(exc)
     return store
 
 
