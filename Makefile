@@ -30,10 +30,11 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q --durations=15
 
-# Side-by-side ratios; each script prints its own table (minutes on 2 cores: run on a quiet machine).
+# Side-by-side ratios, one report: runs/bench/report.md + report.json (bench/report.py runs every
+# script; one that fails is reported, the rest still run). An hour or more on 2 cores: run on a quiet machine.
 bench: venv
 	$(BIN)/mtft-train prepare-base smollm2-135m
-	for script in lora_throughput router_latency one_pass train_speed learned_routing processes; do $(BIN)/python bench/$$script.py || exit 1; done
+	$(BIN)/python bench/report.py
 
 # Real data (SST-2, GSM8K, SciTLDR; never copied here): base vs per-task adapters vs shared, ~1 h on 2 cores.
 DATA ?= ../shared/data
