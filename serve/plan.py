@@ -20,7 +20,6 @@ from mtft.registry import SERVABLE_MODULES, SERVABLE_RANKS, AdapterRecord, Regis
 from mtft.router.config import RouterConfig, RouterOptions
 
 from .config import ServeConfig
-from .vllm_plugin import applies
 from .zero import ZERO_ADAPTER
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,10 @@ def _zero_adapter_needed(config: ServeConfig) -> bool:
     """With mtft's CPU LoRA ops the mixing bug is gone and base traffic skips the LoRA path."""
     if config.base_workaround is not None:
         return config.base_workaround
+    # Here, not at import: the plugin's ops import torch, which a router-only install (--replicas 0
+    # --no-base-workaround, deploy/Dockerfile's router image) does not have.
+    from .vllm_plugin import applies
+
     return not applies()
 
 
