@@ -252,6 +252,12 @@ def main() -> None:
     text = table(args, sizes)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
+    from report import save  # the bench folder is on sys.path: this script runs from it
+
+    save("multitask-real", "real data: base vs per-task adapters vs one shared adapter", text,
+         {"sizes": sizes, "times_s": times, "steps": args.steps, "eval": args.eval,
+          "runs": {f"{run.setting}/{run.mode}": results(run.output / "results.json") for _, runs in planned
+                   for run in runs}})
 
 
 if __name__ == "__main__":

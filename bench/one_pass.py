@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from report import save  # noqa: E402
 
 
 def step_seconds(run_log: Path) -> float:
@@ -60,13 +63,21 @@ def main() -> None:
             a = load_file(Registry(seq_reg).version_dir(name, 1) / "adapter_model.safetensors")
             b = load_file(Registry(one_reg).version_dir(name, 1) / "adapter_model.safetensors")
             diff = max(diff, max(float((a[k] - b[k]).abs().max()) for k in a))
-    print(f"\n{len(names)} tasks x {args.steps} steps of batch {spec.training.batch_size}, {args.threads} threads, "
-          f"base {spec.base_model}")
-    print(f"{'':<18}{'whole run s':>12}{'training steps s':>18}")
-    print(f"{'one run per task':<18}{seq_wall:>12.1f}{seq_steps:>18.1f}")
-    print(f"{'one pass':<18}{one_wall:>12.1f}{one_steps:>18.1f}")
-    print(f"{'speed-up':<18}{seq_wall / one_wall:>11.2f}x{seq_steps / one_steps:>17.2f}x")
-    print(f"largest adapter weight difference between the two: {diff:.2e}")
+    lines = [f"{len(names)} tasks x {args.steps} steps of batch {spec.training.batch_size}, {args.threads} threads, "
+             f"base {spec.base_model}",
+             f"{'':<18}{'whole run s':>12}{'training steps s':>18}",
+             f"{'one run per task':<18}{seq_wall:>12.1f}{seq_steps:>18.1f}",
+             f"{'one pass':<18}{one_wall:>12.1f}{one_steps:>18.1f}",
+             f"{'speed-up':<18}{seq_wall / one_wall:>11.2f}x{seq_steps / one_steps:>17.2f}x",
+             f"largest adapter weight difference between the two: {diff:.2e}"]
+    print("\n" + "\n".join(lines))
+    save("B4-training-one-pass", "one pass vs one run per task (demo tasks, same examples)",
+         "```\n" + "\n".join(lines) + "\n```",
+         {"tasks": names, "steps": args.steps, "batch": spec.training.batch_size, "threads": args.threads,
+          "base": str(spec.base_model), "max_weight_diff": diff,
+          "runs": {"one run per task": {"wall_s": seq_wall, "steps_s": seq_steps},
+                   "one pass": {"wall_s": one_wall, "steps_s": one_steps}}},
+         ["speed-up = one run per task / one pass, measured one after the other in this process"])
 
 
 if __name__ == "__main__":

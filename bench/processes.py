@@ -28,6 +28,9 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from report import save  # noqa: E402
+
 CONFIG = ROOT / "deploy" / "accelerate" / "1node-cpu.yaml"
 
 
@@ -102,12 +105,19 @@ def main() -> None:
             results[label] = (wall, sum(steps), statistics.median(steps[1:] or steps), weights)
     (one_wall, one_steps, one_step, a), (many_wall, many_steps, many_step, b) = results.values()
     batch = yaml.safe_load(args.spec.read_text())["training"]["batch_size"]
-    print(f"\n{args.task}: {args.steps} steps of global batch {batch}, {args.cores} cores")
-    print(f"{'':<26}{'whole run s':>12}{'steps s':>9}{'median step s':>15}")
-    for label, (wall, steps, step, _) in results.items():
-        print(f"{label:<26}{wall:>12.1f}{steps:>9.1f}{step:>15.3f}")
-    print(f"{'speed-up':<26}{one_wall / many_wall:>11.2f}x{one_steps / many_steps:>8.2f}x{one_step / many_step:>14.2f}x")
-    print(f"largest adapter weight difference between the two: {max(float((a[k] - b[k]).abs().max()) for k in a):.2e}")
+    diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    lines = [f"{args.task}: {args.steps} steps of global batch {batch}, {args.cores} cores",
+             f"{'':<26}{'whole run s':>12}{'steps s':>9}{'median step s':>15}"]
+    lines += [f"{label:<26}{wall:>12.1f}{steps:>9.1f}{step:>15.3f}" for label, (wall, steps, step, _) in results.items()]
+    lines += [f"{'speed-up':<26}{one_wall / many_wall:>11.2f}x{one_steps / many_steps:>8.2f}x{one_step / many_step:>14.2f}x",
+              f"largest adapter weight difference between the two: {diff:.2e}"]
+    print("\n" + "\n".join(lines))
+    save("B4-training-processes", f"one process vs {args.processes} (accelerate launch), same global batch",
+         "```\n" + "\n".join(lines) + "\n```",
+         {"task": args.task, "steps": args.steps, "global_batch": batch, "cores": args.cores, "max_weight_diff": diff,
+          "runs": {label: {"wall_s": wall, "steps_s": steps, "median_step_s": step}
+                   for label, (wall, steps, step, _) in results.items()}},
+         ["speed-up = 1 process / N processes, both runs in this benchmark, one after the other"])
 
 
 if __name__ == "__main__":

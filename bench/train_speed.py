@@ -32,6 +32,7 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 from multitask_real import TASKS, Dumper  # noqa: E402  (the real-data tasks, shared with that bench)
+from report import save  # noqa: E402
 
 CONFIGS = ("peer-fp32", "peer-bf16", "adapters", "adapters-packed", "one-pass", "one-pass-packed")
 
@@ -190,8 +191,9 @@ def main() -> None:
         print(f"{config}: {measured[config]['wall_s']:.0f} s", flush=True)
     peer = measured["peer-fp32"]
     tasks = list(peer["scores"])
-    print(f"\n{len(tasks)} tasks x {args.steps} steps x batch {args.batch}, {args.threads} threads, "
-          f"SmolLM2-135M; eval on {args.eval} held-out examples per task; resource self max RSS "
+    setting = (f"{len(tasks)} tasks x {args.steps} steps x batch {args.batch}, {args.threads} threads, "
+               f"SmolLM2-135M; eval on {args.eval} held-out examples per task")
+    print(f"\n{setting}; resource self max RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (parent)")
     head = ["config", "train s", "wall s", "tok/s", "train speed-up", "wall speed-up", "peak RSS MiB"] + tasks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -203,6 +205,10 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     (args.out / "table.md").write_text(table + "\n")
+    save("B4-training-speed", "mtft-train vs a plain HF+PEFT loop, same examples and steps", table,
+         {"setting": setting, "native_bf16": native_bf16, "configs": measured},
+         [setting, "speed-ups are to peer-fp32 (the plain loop), each config in its own process in this run; "
+          "peak RSS is that process's"])
 
 
 if __name__ == "__main__":
