@@ -15,6 +15,7 @@ def main(argv: list[str]) -> None:
         sys.exit("usage: python -m mtft.router CONFIG.{json,yaml}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per registry change otherwise
     config = RouterConfig.load(Path(argv[0]))
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
 
