@@ -45,7 +45,9 @@ K8S_VERSION = "1.33"  # oldest Kubernetes the manifests target; strict schema: u
 # Measured PSS of one mtft-serve tree on SmolLM2-135M with a 1 GiB KV cache: 3.1-3.2 GiB, of
 # which everything but the KV cache (router, mtft-serve, vLLM's API server, engine, worker) is:
 NON_KV_GIB = 2.2
-# Of those, a router-only `mtft-serve --replicas 0` runs mtft-serve (0.19) and the router (0.05).
+# A router-only `mtft-serve --replicas 0` (the router image: no torch) measured 0.08 GiB RSS for
+# mtft-serve and 0.08 for the router, idle and at their peak after 400 requests (32 at a time) to
+# a 2-task registry; tests/test_router_image.py checks the sum stays under this budget.
 ROUTER_ONLY_GIB = 0.25
 # What `mtft-serve --vllm-only` answers probes on: vLLM's own routes (serve/stack.py checks a
 # --backend's /health the same way).
@@ -107,8 +109,10 @@ class Stage:
     base: str
     env: dict[str, str] = field(default_factory=dict)
     commands: list[list[str]] = field(default_factory=list)  # mtft command lines in RUN
+    pip: list[list[str]] = field(default_factory=list)  # `pip install ...` command lines in RUN
     cmd: list[str] = field(default_factory=list)
     copies: list[str] = field(default_factory=list)
+    copied_from: list[tuple[str, str]] = field(default_factory=list)  # COPY --from=STAGE SOURCE: (STAGE, SOURCE)
     exposed: list[int] = field(default_factory=list)
 
 
@@ -124,12 +128,16 @@ def dockerfile_stages(text: str) -> dict[str, Stage]:
         elif instruction == "ENV":
             stage.env.update(item.split("=", 1) for item in shlex.split(rest))
         elif instruction == "RUN":
-            stage.commands += [words for part in re.split(r"&&|\|\||;", rest)
-                               if (words := shlex.split(part)) and words[0] in clis()]
+            parts = [words for part in re.split(r"&&|\|\||;", rest) if (words := shlex.split(part))]
+            stage.commands += [words for words in parts if words[0] in clis()]
+            stage.pip += [words for words in parts if words[:2] == ["pip", "install"]]
         elif instruction == "CMD":
             stage.cmd = json.loads(rest)
         elif instruction == "COPY" and "--from=" not in rest:
             stage.copies += rest.split()[:-1]
+        elif instruction == "COPY":
+            source_stage, *sources = rest.removeprefix("--from=").split()[:-1]
+            stage.copied_from += [(source_stage, source) for source in sources]
         elif instruction == "EXPOSE":
             stage.exposed += [int(port.split("/")[0]) for port in rest.split()]
     return stages
@@ -159,9 +167,17 @@ def dockerfile_problems(found: dict[str, Stage]) -> list[str]:
         if stage.cmd:
             problems += container_problems(Container(f"Dockerfile {stage.name}", stage.cmd, stage.env,
                                                      ports={str(p): p for p in stage.exposed}, image=f"mtft:{stage.name}"))
-            if ["mtft-train", "prepare-base", EMBEDDED_BASE] not in stage.commands:
+            if not converts_base(stage, found):
                 problems.append(f"Dockerfile {stage.name}: the embedded base is not converted at build time")
     return problems
+
+
+def converts_base(stage: Stage, found: dict[str, Stage]) -> bool:
+    """The stage converts the embedded base, or copies the models folder from a stage that does."""
+    models = str(Path(stage.env.get("MTFT_HOME", "~/.cache/mtft")) / "models")
+    return ["mtft-train", "prepare-base", EMBEDDED_BASE] in stage.commands or any(
+        source == models and name in found and name != stage.name and converts_base(found[name], found)
+        for name, source in stage.copied_from)
 
 
 # ---- one container, wherever it is declared -------------------------------------------------

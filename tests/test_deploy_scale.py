@@ -196,7 +196,7 @@ BROKEN_SCALE = [
     (lambda o: _args(_get(o, "StatefulSet")).extend(["--port", "8002"]), r"no port targets vLLM's --port 8002"),
     (lambda o: _args(_get(o, "StatefulSet")).remove("--vllm-only"), r"not mtft-serve --vllm-only"),
     (lambda o: _args(_get(o, "StatefulSet")).extend(["--max-loras", "4"]), r"--max-loras 4 but the router"),
-    (lambda o: _args(_get(o, "Deployment")).append("--no-base-workaround"), r"--base-workaround None but the router"),
+    (lambda o: _args(_get(o, "Deployment")).remove("--no-base-workaround"), r"--base-workaround False but the router"),
     (lambda o: _args(_get(o, "StatefulSet")).extend(["--backend", "http://x:1"]), r"it takes no --backend"),
     (lambda o: o.remove(_get(o, "NetworkPolicy")), r"no NetworkPolicy restricts"),
     (lambda o: _get(o, "NetworkPolicy")["spec"]["ingress"][0].pop("from"), r"admits everyone"),
