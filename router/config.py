@@ -35,6 +35,8 @@ class RouterOptions(BaseModel):
     host: str = Field(default="127.0.0.1", description="the router's address")
     port: int = Field(default=8000, description="the router's port")
     poll_s: float = Field(default=2.0, gt=0, description="seconds between the router's checks of the registry and vLLM")
+    watch: bool = Field(default=True, description="pick up registry changes as they happen (filesystem "
+                        "notifications); off, or where they are unavailable: every poll_s")
     upstream_timeout_s: float = Field(default=300.0, gt=0, description="how long the router waits for vLLM's answer")
     max_body_bytes: int = Field(default=1 << 20, gt=0, description="the largest request body the router accepts")
     pin: list[str] = Field(default_factory=list, description="a task loaded on every backend and never evicted "

@@ -3,6 +3,8 @@
 A plugin, not a test module's fixture, so test_serve.py and test_serve_hotadd.py
 share ONE session stack: `mtft-serve` as a real process (vLLM takes ~25-60 s
 to start on 2 cores). Each test leaves yesno and echo served as it found them.
+`extra_router` starts one more router (a few seconds) on that stack's vLLM, to try
+router options without starting another vLLM.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +82,31 @@ def launch_stack(registry: Path, state_dir: Path, port: int, *flags: str) -> Run
     log = open(state_dir / "serve.log", "ab")
     process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
     return RunningStack(f"http://127.0.0.1:{port}", registry, state_dir, process)
+
+
+@contextmanager
+def extra_router(stack: RunningStack, registry: Path, folder: Path, **options) -> Iterator[RunningStack]:
+    """A router (`python -m mtft.router`, as mtft-serve starts it) on `stack`'s vLLM serving `registry`,
+    its config `stack`'s with `options` changed; ready when the block starts, and it must exit
+    cleanly when the block ends (within 10 s of SIGTERM, no traceback). Use task names of its own:
+    the adapters it loads share `stack`'s vLLM."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads((stack.state_dir / "router.json").read_text())
+    port = free_port()
+    config |= {"registry": str(registry), "port": port, **options}
+    (folder / "router.json").write_text(json.dumps(config))
+    env = {**os.environ, "MTFT_API_KEYS": f"{API_KEY},{LIMITED_KEY}=yesno", "MTFT_ADMIN_KEY": ADMIN_KEY}
+    with open(folder / "router.log", "ab") as log:
+        process = subprocess.Popen([sys.executable, "-m", "mtft.router", str(folder / "router.json")], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
+    router = RunningStack(f"http://127.0.0.1:{port}", registry, folder, process)
+    try:
+        router.wait_ready(60)
+        yield router
+    finally:
+        process.send_signal(signal.SIGTERM)
+        # uvicorn raises the signal again once it has shut down: -SIGTERM is its clean exit.
+        assert process.wait(10) in (0, -signal.SIGTERM) and "Traceback" not in router.logs(), router.logs()
 
 
 def wait_started(stack: RunningStack, timeout_s: float = 600.0) -> RunningStack:
@@ -171,6 +200,33 @@ def publish_copy(source: Registry, copied: str, target: Registry, routing_inputs
     record = source.latest()[copied]
     return target.publish(source.version_dir(copied, record.version), record.model_copy(update=changes),
                           routing_inputs=routing_inputs)
+
+
+def publish_changed(registry: Registry, source: str, task: str, scale: float = 1.0, rank: int | None = None,
+                    into: Path | None = None, target: Registry | None = None) -> AdapterRecord:
+    """`source`'s adapter published as `task` (into `target`, default `registry`), its B matrices times
+    `scale` (other answers), or padded with zeros to `rank` (the same answers from a larger rank)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    record = registry.latest()[source]
+    folder = registry.version_dir(source, record.version)
+    out = into or registry.root.parent / f"changed-{task}-{rank}"
+    out.mkdir(exist_ok=True)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    config = (folder / "adapter_config.json").read_text()
+    if rank is not None:
+        pad = rank - record.rank
+        tensors = {k: torch.cat([v, v.new_zeros(pad, v.shape[1])]) if "lora_A" in k else
+                   torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1) for k, v in tensors.items()}
+        data = json.loads(config)
+        config = json.dumps({**data, "r": rank, "lora_alpha": data["lora_alpha"] * rank // record.rank})
+    save_file({k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
+    (out / "adapter_config.json").write_text(config)
+    changes = {"task": task, "prefix": f"{task}: "} if task != source else {}
+    if rank is not None:
+        changes |= {"rank": rank, "alpha": record.alpha * rank // record.rank}
+    return (target or registry).publish(out, record.model_copy(update=changes))
 
 
 def alive(pid: int) -> bool:

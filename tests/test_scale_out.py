@@ -11,7 +11,6 @@ stack starts, so at most three vLLMs run at once (~2.5 GiB each).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -22,9 +21,10 @@ import httpx
 import openai
 import pytest
 import torch
-from serving import API_KEY, Background, Load, RunningStack, answer, launch_stack, stop_stack, wait_started
+from serving import (API_KEY, Background, Load, RunningStack, answer, launch_stack, publish_changed, stop_stack,
+                     wait_started)
 
-from mtft.registry import AdapterRecord, Registry, render_prompt
+from mtft.registry import Registry, render_prompt
 from mtft.serve.stack import free_port
 
 pytest_plugins = ["serving"]
@@ -32,32 +32,6 @@ pytestmark = pytest.mark.slow
 TASKS = ("yesno", "echo", "flip", "loud")
 TEXTS = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
 COMMON = ("--dtype", "float32", "--kv-cache-gib", "1", "--vllm-arg=--max-model-len=256", "--vllm-arg=--seed=0")
-
-
-def publish_changed(registry: Registry, source: str, task: str, scale: float = 1.0, rank: int | None = None,
-                    into: Path | None = None) -> AdapterRecord:
-    """`source`'s adapter published as `task`, its B matrices times `scale` (other answers), or padded
-    with zeros to `rank` (the same answers from a larger rank)."""
-    from safetensors.torch import load_file, save_file
-
-    record = registry.latest()[source]
-    folder = registry.version_dir(source, record.version)
-    out = into or registry.root.parent / f"changed-{task}-{rank}"
-    out.mkdir(exist_ok=True)
-    tensors = load_file(folder / "adapter_model.safetensors")
-    config = (folder / "adapter_config.json").read_text()
-    if rank is not None:
-        pad = rank - record.rank
-        tensors = {k: torch.cat([v, v.new_zeros(pad, v.shape[1])]) if "lora_A" in k else
-                   torch.cat([v, v.new_zeros(v.shape[0], pad)], dim=1) for k, v in tensors.items()}
-        data = json.loads(config)
-        config = json.dumps({**data, "r": rank, "lora_alpha": data["lora_alpha"] * rank // record.rank})
-    save_file({k: v * scale if "lora_B" in k else v for k, v in tensors.items()}, out / "adapter_model.safetensors")
-    (out / "adapter_config.json").write_text(config)
-    changes = {"task": task, "prefix": f"{task}: "} if task != source else {}
-    if rank is not None:
-        changes |= {"rank": rank, "alpha": record.alpha * rank // record.rank}
-    return registry.publish(out, record.model_copy(update=changes))
 
 
 def offline_answers(registry: Registry, tiny_base: Path) -> dict[tuple[str, str], str]:
