@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,10 +150,12 @@ class Stack:
         status = self.http.get(self.url + "/admin/adapters", headers={"Authorization": f"Bearer {ADMIN_KEY}"})
         return {a for b in status.raise_for_status().json()["backends"] for a in b["adapters"]}
 
-    def metrics(self, url: str) -> dict[str, int]:
+    def metrics(self, url: str) -> dict[str, object]:
+        """Size of a /metrics page: bytes, series, and the metrics with the most series."""
         text = self.http.get(url + "/metrics").raise_for_status().text
-        return {"bytes": len(text.encode()), "series": sum(1 for line in text.splitlines()
-                                                            if line and not line.startswith("#"))}
+        names = [re.split(r"[{ ]", line, maxsplit=1)[0] for line in text.splitlines() if line and line[0] != "#"]
+        return {"bytes": len(text.encode()), "series": len(names),
+                "most": Counter(names).most_common(3)}
 
     def rss_mib(self) -> dict[str, float]:
         import psutil
@@ -199,9 +202,14 @@ class Stack:
         return rows
 
     def stop(self) -> None:
+        """Stop the stack; its logs are kept under the bench output (logs/many_adapters/)."""
         self.http.close()
         self.process.send_signal(signal.SIGTERM)
         self.process.wait(60)
+        keep = out_dir() / "logs" / "many_adapters" / self.state.name
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in self.state.glob("*.log"):
+            shutil.copyfile(log, keep / log.name)
 
 
 def _spread(values: list[float]) -> dict[str, float]:
