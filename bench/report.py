@@ -49,7 +49,7 @@ def save(key: str, title: str, table: str, data: Any, notes: Sequence[str] = (),
     path = folder / f"{key}.json"
     section = {"key": key, "title": title, "table": table, "data": data, "notes": list(notes),
                "plots": [_inside_out(Path(p), key) for p in plots],
-               "script": Path(sys.argv[0]).stem,
+               "script": Path(sys.argv[0]).stem, "revision": revision(),
                "command": " ".join([Path(sys.executable).name, *sys.argv]),
                "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average": os.getloadavg()}
     tmp = path.with_suffix(".tmp")
@@ -157,16 +157,21 @@ def versions() -> dict[str, str]:
                 break
             except importlib.metadata.PackageNotFoundError:
                 found[name] = "not installed"
+    found["mtft"] = revision()
+    return found
+
+
+def revision() -> str:
+    """mtft's git revision, and whether tracked files differ from it."""
     git = ["git", "-C", str(ROOT)]
     try:
-        revision = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
         dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"], capture_output=True,
                                text=True).stdout.strip()
-        found["mtft"] = revision + (" + uncommitted changes" if dirty else "")
+        return head + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        found["mtft"] = "unknown (not a git checkout)"
-    return found
+        return "unknown (not a git checkout)"
 
 
 def _order(key: str) -> tuple[int, str]:
@@ -225,7 +230,8 @@ def build(out: Path) -> str:
         if item["status"] == "stale":
             lines += [f"**stale**: from an earlier run ({item['finished']}); the latest run did not save it (above).",
                       ""]
-        lines += [f"`{item['command']}`, finished {item['finished']}", "", item["table"].strip()]
+        lines += [f"`{item['command']}`, finished {item['finished']}, mtft {item.get('revision', 'unknown')}", "",
+                  item["table"].strip()]
         lines += [""] * bool(item["notes"]) + [f"- {note}" for note in item["notes"]]
         lines += [f"\n![{item['key']}]({plot})" for plot in item["plots"]]
     text = "\n".join(lines) + "\n"
