@@ -1,5 +1,6 @@
 """Hot-adding while serving: new tasks and versions go live with zero failed or mis-routed requests,
-bad adapters are refused with their reasons, and a killed vLLM comes back by itself."""
+a publish is seen at once through filesystem notifications (the poll as fallback), bad adapters
+are refused with their reasons, and a killed vLLM comes back by itself."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections import Counter
 
 import openai
 import pytest
-from serving import TEXTS, Load, answer, wait_until_served
+from serving import API_KEY, TEXTS, Load, RunningStack, answer, extra_router, wait_until_served
 
 from mtft.registry import RECORD_FILE, Registry, checksum
 
@@ -64,6 +65,46 @@ def test_new_version_replaces_the_old_without_a_failed_or_misrouted_request(clie
     stack.admin("DELETE", "/swap").raise_for_status()
     with pytest.raises(openai.NotFoundError):
         answer(client, "swap", TEXTS[0])
+
+
+def test_a_publish_goes_live_on_its_notification_long_before_the_next_poll(stack, tmp_path):
+    """Two more routers polling every 30 s, one watching the registry, one not (the negative control)."""
+    registry = Registry(tmp_path / "registry")
+    registry.root.mkdir()
+    with extra_router(stack, registry.root, tmp_path / "watching", poll_s=30) as watching, \
+            extra_router(stack, registry.root, tmp_path / "polling", poll_s=30, watch=False) as polling:
+        watched, polled = (openai.OpenAI(base_url=r.url + "/v1", api_key=API_KEY, max_retries=0)
+                           for r in (watching, polling))
+        wait_for_log(watching, f"watching {registry.root.resolve()}")
+        started = time.monotonic()
+        stack.publish_copy("yesno", registry, task="watched", prefix="watched: ")
+        live_after = wait_until_served(watched, "watched", "watched-v1", timeout_s=10)
+        with pytest.raises(openai.NotFoundError):
+            answer(polled, "watched", TEXTS[0])
+        print(f"publish -> first routed answer: {live_after:.2f} s with notifications (poll 30 s)")
+        assert time.monotonic() - started < 15  # both routers' next poll is 30 s after their start
+        watching.admin("DELETE", "/watched").raise_for_status()
+    assert "watching" in watching.logs() and "watching" not in polling.logs()
+
+
+def test_without_the_registry_folder_the_poll_picks_up_changes_until_notifications_can_start(stack, tmp_path):
+    registry = Registry(tmp_path / "not-yet")
+    with extra_router(stack, registry.root, tmp_path / "router", poll_s=0.5) as router:
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key=API_KEY, max_retries=0)
+        stack.publish_copy("yesno", registry, task="late", prefix="late: ")
+        wait_until_served(client, "late", "late-v1", timeout_s=10)
+        wait_for_log(router, f"watching {registry.root.resolve()}")
+        router.admin("DELETE", "/late").raise_for_status()
+    logs = router.logs()
+    assert f"registry {registry.root.resolve()} does not exist yet: polling it every 0.5 s until it does" in logs
+    assert logs.index("does not exist yet") < logs.index(f"watching {registry.root.resolve()}"), logs
+
+
+def wait_for_log(router: RunningStack, text: str, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in router.logs():
+        assert time.monotonic() < deadline, f"{text!r} not logged\n{router.logs()}"
+        time.sleep(0.05)
 
 
 def _vllm_models(stack) -> list[dict]:
@@ -138,22 +179,33 @@ def test_admin_post_and_delete_publish_and_withdraw_a_task(client, stack):
     assert answer(client, "echo", TEXTS[0])[1] == "echo-v1"
 
 
-def test_vllm_killed_gives_503_with_retry_after_then_recovers_by_itself(client, stack):
+def test_vllm_killed_under_load_gives_503_with_retry_after_then_recovers_by_itself(client, stack):
     stack.publish_copy("yesno", task="revive", prefix="revive: ")
     wait_until_served(client, "revive", "revive-v1")
-    before = {task: answer(client, task, TEXTS[0]) for task in ("yesno", "echo", "revive")}
-    os.killpg(stack.state()["vllm_pid"], signal.SIGKILL)
-    with pytest.raises(openai.InternalServerError) as caught:
-        answer(client, "yesno", TEXTS[0])
+    jobs = [(task, text) for task in ("yesno", "echo", "revive") for text in TEXTS[:2]]
+    before = {job: answer(client, *job) for job in jobs}
+    with Load(client, jobs, threads=4, limit=1000, pause_s=0.25) as load:  # 4 minutes at most
+        time.sleep(0.5)
+        answered_before_kill = len(load.answers)
+        os.killpg(stack.state()["vllm_pid"], signal.SIGKILL)
+        with pytest.raises(openai.InternalServerError) as caught:
+            answer(client, "yesno", TEXTS[0])
+        # The SDK's own retries honour Retry-After; give it long enough for vLLM to restart.
+        patient = client.with_options(max_retries=100)
+        started = time.monotonic()
+        after = {job: answer(patient, *job) for job in jobs}
+        print(f"recovered in {time.monotonic() - started:.1f} s")
+        answered_at_recovery = len(load.answers)
+        time.sleep(1)
     assert caught.value.status_code == 503
     assert caught.value.response.headers["retry-after"].isdigit()
     assert caught.value.body["code"] == "upstream_unavailable"
-    # The SDK's own retries honour Retry-After; give it long enough for vLLM to restart.
-    patient = client.with_options(max_retries=100)
-    started = time.monotonic()
-    after = {task: answer(patient, task, TEXTS[0]) for task in before}
-    print(f"recovered in {time.monotonic() - started:.1f} s")
     assert after == before  # the runtime-loaded adapter was loaded again too
+    # Under load: while vLLM is away every request is a 503 with Retry-After, never a wrong answer.
+    assert answered_before_kill and load.failures and len(load.answers) > answered_at_recovery
+    assert all(before[job] == (text, adapter) for job, text, adapter in load.answers)
+    assert [str(f) for f in load.failures if not (isinstance(f, openai.APIStatusError) and f.status_code == 503
+                                                  and f.response.headers.get("retry-after", "").isdigit())] == []
     stack.admin("DELETE", "/revive").raise_for_status()
 
 
