@@ -2,9 +2,12 @@
 
 `create_app` builds it; the handlers live at module level in `endpoints.py` and find
 what they share on `app.state`: `config`, `keys`, `metrics` (request metrics), `public`
-(the base model's public name, and the server paths no client may see), and,
-for the app's lifespan, `client` (one `httpx.AsyncClient` for every call to vLLM) and
-`live` (the live route table and its pool of backends, polled by a background loop).
+(the base model's public name, and the server paths no client may see), and, for the
+app's lifespan, `upstream` (one `aiohttp.ClientSession` relaying every inference request
+to vLLM), `client` (one `httpx.AsyncClient` for the control calls: health checks, adapter
+loads) and `live` (the live route table and its pool of backends, polled by a background
+loop). The relay is aiohttp's because it costs about a third of httpx's CPU per request
+(bench/router_overhead.py); the control calls are few and keep httpx.
 Every error leaves through one handler in OpenAI's shape, with server paths replaced.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
+import aiohttp
 import httpx
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
@@ -45,8 +49,13 @@ async def _lifespan(app: FastAPI):
     # Idle connections are dropped before vLLM's uvicorn drops them (its keep-alive is 5 s):
     # a request sent on one it just closed would fail, and fail its backend out of rotation.
     limits = httpx.Limits(max_connections=256, max_keepalive_connections=64, keepalive_expiry=2.0)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+    # sock_read, not total: a stream may run long, but a backend silent for that long has failed.
+    relay_timeout = aiohttp.ClientTimeout(connect=2.0, sock_read=config.upstream_timeout_s)
+    connector = aiohttp.TCPConnector(limit=256, keepalive_timeout=2.0)
+    async with (httpx.AsyncClient(timeout=timeout, limits=limits) as client,
+                aiohttp.ClientSession(connector=connector, timeout=relay_timeout) as upstream):
         app.state.client = client
+        app.state.upstream = upstream
         app.state.live = LiveTable(config, client)
         backend_metrics = BackendMetrics(app.state.live.pool)
         app.state.metrics.registry.register(backend_metrics)

@@ -4,6 +4,8 @@ Inference (`/v1/completions`, `/v1/chat/completions`) goes through `inference.in
 `/v1/models` lists the tasks a key may use; `/health`, `/ready` and `/metrics` are
 for operators; `/admin/adapters` adds, lists and withdraws adapters while serving.
 Keys are checked first (a dependency), then the body is read within its size limit.
+The two inference endpoints are plain Starlette routes: FastAPI's dependency solving and
+response handling cost them more than the rest of the router's own work (bench/router_overhead.py).
 """
 
 from __future__ import annotations
@@ -50,14 +52,18 @@ Allowed = Annotated[frozenset[str] | None, Depends(allowed_tasks)]
 admin_only = [Depends(check_admin)]
 
 
-@endpoints.post(COMPLETIONS)
-async def completions(request: Request, allowed: Allowed) -> Response:
+async def completions(request: Request) -> Response:
+    allowed = await allowed_tasks(request)
     return await infer(request, COMPLETIONS, await read_body(request), allowed)
 
 
-@endpoints.post(CHAT)
-async def chat_completions(request: Request, allowed: Allowed) -> Response:
+async def chat_completions(request: Request) -> Response:
+    allowed = await allowed_tasks(request)
     return await infer(request, CHAT, await read_body(request), allowed)
+
+
+endpoints.add_route(COMPLETIONS, completions, methods=["POST"])
+endpoints.add_route(CHAT, chat_completions, methods=["POST"])
 
 
 @endpoints.get("/v1/models")

@@ -23,10 +23,12 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+import aiohttp
 import httpx
-from fastapi import Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
+from starlette.datastructures import State
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .backends import Backend, Down
 from .config import RouterConfig
@@ -50,7 +52,7 @@ class InFlight:
         """the public name of what answers: the adapter, or the base model's public name (metrics label)."""
         self.backend: Backend | None = None
         """where it runs now (counted there by `Pool.pick`)."""
-        self.upstream: httpx.Response | None = None
+        self.upstream: aiohttp.ClientResponse | None = None
         self.usage: dict | None = None
         """vLLM's token counts: in the answer, or in a stream's last chunk."""
         self._live = live
@@ -77,7 +79,7 @@ class InFlight:
         self.usage = usage or self.usage
         try:
             if self.upstream is not None:
-                await self.upstream.aclose()
+                _drop(self.upstream)
         finally:
             self._leave()
             self._live.release(self.route)
@@ -108,9 +110,9 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
         headers["X-MTFT-Learned-Score"] = f"{chosen.score:.3f}"
         state.metrics.observe_learned(chosen.matched, chosen.score)
     try:
-        await _open(inflight, state.live, state.client, state.config, call, body.stream)
+        await _open(inflight, state.live, state, call, body.stream)
         if not body.stream:
-            answer = inflight.upstream.json()
+            answer = json.loads(await inflight.upstream.read())
             await inflight.close(200, answer.get("usage"))
             shown = (chat_answer(answer, answered_by) if call.chat_from_completion
                      else shaped(answer, answered_by, call.asked))
@@ -135,22 +137,21 @@ class BackendFailed(Exception):
     """The backend failed this request before answering: send it once more, elsewhere."""
 
 
-async def _open(inflight: InFlight, live: LiveTable, client: httpx.AsyncClient, config: RouterConfig,
-                call: Exchange, stream: bool) -> None:
-    """Place the call, send it, and leave vLLM's answer (the whole of it, unless streamed) on `inflight`."""
-    pool, tried = live.pool, set()
+async def _open(inflight: InFlight, live: LiveTable, state: State, call: Exchange, stream: bool) -> None:
+    """Place the call, send it, and leave vLLM's answer on `inflight` (its body still to read)."""
+    pool, tried, config = live.pool, set(), state.config
+    payload = json.dumps(call.payload).encode()
     for attempt in (1, 2):
         backend = await pool.pick(inflight.route.upstream_model, live.path_of, frozenset(tried))
         inflight.on(backend)
         try:
-            inflight.upstream = await _send(client, config, backend, call, stream, pool)
-            if inflight.upstream.status_code < 400:
+            inflight.upstream = await _send(state.upstream, config, backend, call.path, payload, stream, pool)
+            if inflight.upstream.status < 400:
                 return
-            await inflight.upstream.aread()
-            raise await _mapped_error(inflight.upstream, inflight.route, backend, pool, client)
+            raise await _mapped_error(inflight.upstream, inflight.route, backend, pool, state.client)
         except BackendFailed as exc:
             if inflight.upstream is not None:
-                await inflight.upstream.aclose()
+                _drop(inflight.upstream)
                 inflight.upstream = None
             tried.add(backend.url)
             if attempt == 1:
@@ -160,43 +161,57 @@ async def _open(inflight: InFlight, live: LiveTable, client: httpx.AsyncClient, 
                       config.retry_after_s)
 
 
-async def _send(client: httpx.AsyncClient, config: RouterConfig, backend: Backend, call: Exchange, stream: bool,
-                pool: Pool) -> httpx.Response:
-    upstream_request = client.build_request("POST", backend.url + call.path, json=call.payload)
+_JSON = {"Content-Type": "application/json"}
+
+
+async def _send(session: aiohttp.ClientSession, config: RouterConfig, backend: Backend, path: str, payload: bytes,
+                stream: bool, pool: Pool) -> aiohttp.ClientResponse:
+    """vLLM's response; read whole unless it is a stream that started, so a backend breaking off is retried."""
     try:
-        return await client.send(upstream_request, stream=stream)
-    except httpx.TimeoutException as exc:
+        upstream = await session.post(backend.url + path, data=payload, headers=_JSON)
+        if not stream or upstream.status >= 400:
+            await upstream.read()  # kept on the response: `read()` again returns it
+        return upstream
+    except TimeoutError as exc:  # before ClientError: aiohttp's timeouts are both
         raise APIError(504, f"vLLM did not answer within {config.upstream_timeout_s} s", "upstream_timeout") from exc
-    except httpx.TransportError as exc:
+    except aiohttp.ClientError as exc:
         pool.failed(backend, f"a request failed: {exc!r}")
         raise BackendFailed(f"request failed: {exc!r}") from exc
 
 
-async def _mapped_error(upstream: httpx.Response, chosen: Route, backend: Backend, pool: Pool,
+def _drop(upstream: aiohttp.ClientResponse) -> None:
+    """Done with vLLM's response: its connection goes back to the pool if it was read to the end, else closes."""
+    if upstream.content.at_eof():
+        upstream.release()
+    else:
+        upstream.close()
+
+
+async def _mapped_error(upstream: aiohttp.ClientResponse, chosen: Route, backend: Backend, pool: Pool,
                         client: httpx.AsyncClient) -> APIError:
     """vLLM's error for the client, or BackendFailed when the backend, not the request, is at fault."""
-    if upstream.status_code == 404:
+    if upstream.status == 404:
         # We route only to adapters we loaded: vLLM lacking one means it restarted behind our back.
         pool.lost(backend, chosen.upstream_model)
         raise BackendFailed(f"vLLM lacks {chosen.upstream_model}")
-    if upstream.status_code >= 500:
+    if upstream.status >= 500:
         try:
             await backend.check(client)
         except Down as exc:
-            pool.failed(backend, f"answered {upstream.status_code}, then {exc}")
-            raise BackendFailed(f"answered {upstream.status_code} and failed its check") from exc
-    return upstream_error(upstream.status_code, upstream.content)
+            pool.failed(backend, f"answered {upstream.status}, then {exc}")
+            raise BackendFailed(f"answered {upstream.status} and failed its check") from exc
+    return upstream_error(upstream.status, await upstream.read())
 
 
 async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public) -> AsyncIterator[bytes]:
     """vLLM's server-sent events, reshaped for the client; the usage chunk is kept for the metrics."""
     started: set[int] = set()
     try:
-        async for line in inflight.upstream.aiter_lines():
-            if not line.startswith("data:"):
+        async for line in inflight.upstream.content:  # one line at a time, b"\n" included
+            if not line.startswith(b"data:"):
                 continue
             data = line[5:].strip()
-            if data == "[DONE]":
+            if data == b"[DONE]":
                 yield b"data: [DONE]\n\n"
                 continue
             chunk = json.loads(data)
@@ -208,8 +223,8 @@ async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public)
                     chunk.pop("usage")
             chunk = (chat_chunk(chunk, started, inflight.answered_by) if call.chat_from_completion
                      else shaped(chunk, inflight.answered_by, call.asked))
-            yield f"data: {json.dumps(chunk)}\n\n".encode()
-    except httpx.TransportError as exc:
+            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    except (aiohttp.ClientError, TimeoutError) as exc:
         backend = inflight.backend
         if backend is not None:
             pool.failed(backend, f"a stream broke off: {exc!r}")
