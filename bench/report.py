@@ -231,7 +231,7 @@ def build(out: Path) -> str:
             lines += [f"**stale**: from an earlier run ({item['finished']}); the latest run did not save it (above).",
                       ""]
         lines += [f"`{item['command']}`, finished {item['finished']}, mtft {item.get('revision', 'unknown')}", "",
-                  item["table"].strip()]
+                  re.sub(r"^#", "###", item["table"].strip(), flags=re.M)]  # its headings under the section's
         lines += [""] * bool(item["notes"]) + [f"- {note}" for note in item["notes"]]
         lines += [f"\n![{item['key']}]({plot})" for plot in item["plots"]]
     text = "\n".join(lines) + "\n"
