@@ -341,8 +341,10 @@ def report(args: argparse.Namespace, publish_s: float, stacks: dict, mixes: list
              f"{args.max_cpu_loras} adapters loaded in vLLM and evicts the least recently used; {args.requests} "
              f"streamed completions of {args.max_tokens} tokens per mix, {args.concurrency} in flight, by model name",
              "vs one task: requests/s over the one-task mix on the same stack (always warm)",
-             f"router /metrics grew by {per_task:.0f} series per task asked ({len(asked)} tasks) (per-task labels on request "
-             "counters and the latency histogram): bounded by the registry's task count, not by requests"]
+             f"router /metrics grew by {per_task:.0f} series per task asked ({len(asked)} tasks) (per-task labels "
+             "on request counters and the latency histogram): bounded by the registry's task count, not by requests",
+             "vLLM /metrics' largest families after the mixes: " + ", ".join(
+                 f"{name} {count} series" for name, count in after["vllm_metrics"]["most"])]
     table = "\n".join(lines)
     print(table)
     print("\n".join(notes))
