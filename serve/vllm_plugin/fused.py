@@ -1,0 +1,119 @@
+"""One shrink and one expand per LoRA layer for small (decode) batches on vLLM's CPU build.
+
+vLLM's CPU punica wrapper runs a layer's LoRA as a shrink and an expand per output slice (q/k/v:
+3, gate/up: 2), each a separate op with fixed per-call cost: about 420 calls per decode step of
+SmolLM2-135M, which is what kept adapter decode far below base speed. The slices of a layer
+share their input, so their A matrices stacked are one matrix and their B matrices placed
+block-diagonally are one too: `y[:, :sum(slices)] += (x @ A^T) @ B`. A batch holding several
+adapters multiplies against the consecutive slots it uses, and each row's rank block is masked
+to its own slot (all zero for rows without an adapter, so those get exactly zero delta).
+
+The stacked fp32 weights (`Stacked`) are built once per adapter load, not per step: vLLM writes
+adapters into its slot tensors in place, which bumps their version counters, and `stacked`
+rebuilds only when those change. fp32 because CPU bf16 matmuls are slower than fp32 at these
+shapes (and without native bf16 much slower); vLLM's shrink multiplies in fp32 too.
+Pure torch; nothing here imports vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from itertools import accumulate
+
+import torch
+
+# Batches up to this many rows take the fused path; larger ones (prefill) keep the grouped
+# per-slice ops, where the matmuls are large and the per-call cost does not matter.
+MAX_ROWS = 256
+# At most this many consecutive slots are multiplied at once for a mixed batch; a wider spread
+# costs more in wasted products than the per-slice calls it saves.
+MAX_SLOTS = 16
+
+
+@dataclass(frozen=True)
+class Stacked:
+    """A layer's adapters in the fused layout: slot s owns rows [s * block, (s + 1) * block)."""
+
+    a: torch.Tensor  # (slots * block, in): each slot's slices' A matrices, stacked
+    b: torch.Tensor  # (slots * block, width): each slot's B^T, slices block-diagonal
+    block: int  # slices * rank
+    width: int  # sum of the output slices
+    versions: tuple[int, ...]  # of the vLLM tensors it was built from
+
+    @classmethod
+    def of(cls, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
+           output_slices: tuple[int, ...]) -> Stacked:
+        """From vLLM's per-slice (slots, 1, rank, in) A and (slots, 1, out, rank) B tensors."""
+        slots, _, rank, _ = lora_a[0].shape
+        block, width = rank * len(lora_a), sum(output_slices)
+        a = torch.cat([t[:, 0].float() for t in lora_a], dim=1)
+        b = torch.zeros(slots, block, width)
+        for i, (t, offset, size) in enumerate(zip(lora_b, accumulate((0, *output_slices)), output_slices)):
+            columns = min(size, t.shape[2])  # vLLM's ops write the columns both have (padding differs)
+            b[:, i * rank : (i + 1) * rank, offset : offset + columns] = t[:, 0, :columns].float().transpose(1, 2)
+        return cls(a.reshape(slots * block, -1), b.reshape(slots * block, width), block, width,
+                   _versions(lora_a, lora_b))
+
+
+def _versions(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
+    return tuple(t._version for t in (*lora_a, *lora_b))
+
+
+def stacked(cache: dict, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
+            output_slices: tuple[int, ...]) -> Stacked:
+    """The layer's `Stacked` from `cache`, rebuilt when vLLM wrote any of its slot tensors."""
+    key = id(lora_a[0])
+    entry = cache.get(key)
+    if entry is None or entry[0] is not lora_a[0] or entry[1].versions != _versions(lora_a, lora_b):
+        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices))
+    return entry[1]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which slots one batch multiplies against, and how each row picks its own."""
+
+    rows: int
+    first: int  # first slot used
+    slots: int  # consecutive slots from `first`; 0: no row has an adapter
+    mask: torch.Tensor | None  # (rows, slots, 1) fp32, 1 at the row's slot; None: every row uses `first`
+
+
+@functools.lru_cache(maxsize=256)
+def plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan | None:
+    """The fused plan for segments of (slot, length), -1 meaning no adapter; None where the
+    fused path does not fit (too many rows or too wide a spread of slots). Cached on the segment
+    contents: every layer of a step asks for the same plan."""
+    rows = sum(lengths)
+    used = sorted({slot for slot, length in zip(slots, lengths) if slot >= 0 and length > 0})
+    if not used:
+        return Plan(rows, 0, 0, None)
+    if rows > MAX_ROWS or used[-1] - used[0] >= MAX_SLOTS:
+        return None
+    first, count = used[0], used[-1] - used[0] + 1
+    if count == 1 and all(slot == first for slot, length in zip(slots, lengths) if length > 0):
+        return Plan(rows, first, 1, None)
+    mask = torch.zeros(rows, count, 1)
+    for slot, length, end in zip(slots, lengths, accumulate(lengths)):
+        if slot >= 0 and length > 0:  # an empty segment may name a slot no row uses
+            mask[end - length : end, slot - first] = 1.0
+    return Plan(rows, first, count, mask)
+
+
+def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, batch: Plan, scale: float) -> None:
+    """y[:rows, :width] += scale * (x[:rows] @ A_slot^T) @ B_slot, per row's slot; in place."""
+    if batch.slots == 0:
+        return
+    block = weights.block
+    slot_rows = slice(batch.first * block, (batch.first + batch.slots) * block)
+    low = x[: batch.rows].float() @ weights.a[slot_rows].t()
+    if batch.mask is not None:
+        low.view(batch.rows, batch.slots, block).mul_(batch.mask)
+    if scale != 1.0:
+        low.mul_(scale)
+    target = y[: batch.rows, : weights.width]
+    if target.dtype == low.dtype:
+        target.addmm_(low, weights.b[slot_rows])  # no product temporary
+    else:
+        target.add_(low @ weights.b[slot_rows])
