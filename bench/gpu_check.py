@@ -1,21 +1,35 @@
-"""Training speed on a GPU through our one loop: fp32 vs bf16 base, 1 vs N processes, per recipe.
+"""One command for a GPU machine: the recipes on CUDA, exported adapters vs the models that trained them, speed.
 
     python bench/gpu_check.py                      # CUDA; a machine with torch, transformers, peft, accelerate
-    python bench/gpu_check.py --device cpu         # smoke mode: tiny model, 6 steps, gloo (6 min on 2 cores)
+    python bench/gpu_check.py --device cpu --parts parity   # the same checks on CPU (the test suite runs this)
+    python bench/gpu_check.py --device cpu         # also the speed matrix's smoke mode (6 min on 2 cores)
 
 For a lent GPU machine: the project tree is there, its venv is not, and no model can be fetched.
-So this script imports mtft's training package from the tree (no install), builds a random-init
-Llama with SmolLM2-135M's shape (`--model tiny`: the test suite's 2-layer size), and trains it on
-synthetic token sequences of a prompt/answer shape like the demo tasks'. Random weights cost
-exactly what trained ones cost, which is all a speed check measures.
+So this script imports mtft's training package from the tree (no install) and never vLLM.
 
-Each configuration runs in its own process group (`--worker`; N processes through
-`accelerate launch`): `mtft-train adapters`' plan (one PEFT LoRA) and `--one-pass`'s (every
-task's adapter in one pass), with the base in float32 and in bfloat16, on 1 process and on N
-(default: every GPU; skipped on one GPU, where NCCL cannot place two ranks). Prints the median
-step time, training tokens/s and the ratios, and for N processes the largest adapter weight
-difference to the 1-process run (the same global batch must train the same adapter). Under 5
-minutes on one H200 with the defaults.
+Part `parity`: the test suite's tiny random Llama and its two tiny tasks (tests/conftest.py),
+trained a few steps on this device by mtft's own recipes through `mtft.train`'s public surface:
+`mtft-train adapters` (one task after the other), `adapters --one-pass` and `shared`, each
+publishing into a registry of its own. Then every published adapter is loaded with plain HF +
+PEFT (`PeftModel.from_pretrained` on the registry folder) on the same device and compared with
+mtft's in-training model for that task, rebuilt from the run's last checkpoint (the per-task
+PEFT LoRA; the one-pass task layers; the shared adapter conditioned on that task): the logits
+on the task's held-out prompts (max |diff| <= --atol), the greedy answers against the ones the
+run's own final evaluation recorded, and the adapter must differ from the base (else the check
+shows nothing). Prints training tokens/s of one pass vs one task after the other; exits 1 on a
+parity failure. `--perturb RECIPE/TASK` adds noise to that exported adapter (a negative control
+that must fail).
+
+Part `speed`: a random-init Llama with SmolLM2-135M's shape (`--model tiny`: the test suite's
+2-layer size) on synthetic token sequences of a prompt/answer shape like the demo tasks'. Random
+weights cost exactly what trained ones cost, which is all a speed check measures. Each
+configuration runs in its own process group (`--worker`; N processes through `accelerate
+launch`): `mtft-train adapters`' plan (one PEFT LoRA) and `--one-pass`'s (every task's adapter in
+one pass), with the base in float32 and in bfloat16, on 1 process and on N (default: every GPU;
+skipped on one GPU, where NCCL cannot place two ranks). Prints the median step time, training
+tokens/s and the ratios, and for N processes the largest adapter weight difference to the
+1-process run (the same global batch must train the same adapter). Both parts: under 5 minutes
+on one H200 with the defaults (not run on one yet: no GPU was lent).
 """
 
 from __future__ import annotations
@@ -59,7 +73,8 @@ def missing_packages() -> list[str]:
 
     modules = {"torch": "torch", "transformers": "transformers", "peft": "peft", "accelerate": "accelerate",
                "pydantic": "pydantic", "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm",
-               "numpy": "numpy", "jinja2": "jinja2", "sacrebleu": "sacrebleu", "rouge_score": "rouge-score"}
+               "numpy": "numpy", "jinja2": "jinja2", "sacrebleu": "sacrebleu", "rouge_score": "rouge-score",
+               "matplotlib": "matplotlib", "tokenizers": "tokenizers", "pytest": "pytest"}  # tests/conftest.py's
     return [dist for module, dist in modules.items() if importlib.util.find_spec(module) is None]
 
 
@@ -80,6 +95,141 @@ def examples(vocab: int, count: int, seed: int):
         out[task] = items
     return out
 
+
+# ---- part `parity`: the recipes on the tiny model; each exported adapter vs the model that trained it
+
+def train_recipes(args: argparse.Namespace, folder: Path):
+    """The tests' tiny base and tasks trained by each recipe on this device: (spec, recipe -> RunOptions)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny_base, tiny_spec
+
+    from mtft.train import RunOptions, load_spec, train_adapters, train_one_pass, train_shared
+
+    base = build_tiny_base(folder / "base")
+    spec = load_spec(tiny_spec(folder, base, max_steps=args.tiny_steps, eval_every=None,
+                               checkpoint_every=args.tiny_steps, dtype="float32"))
+    runs = {}
+    for recipe, train in (("sequential", train_adapters), ("one-pass", train_one_pass), ("shared", train_shared)):
+        runs[recipe] = RunOptions(output=folder / recipe, registry=folder / f"{recipe}-registry")
+        train(spec, runs[recipe])
+    return spec, runs
+
+
+def training_speed(output: Path) -> dict:
+    """Tokens through the model per second of training steps; each training's first step (warm-up) left out."""
+    rows = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in rows if "seconds" in r and r["step"] > 1]
+    seconds = sum(r["seconds"] for r in steady)
+    return {"steps": sum("seconds" in r for r in rows), "seconds": seconds,
+            "tokens_per_s": sum(r["tokens_per_s"] * r["seconds"] for r in steady) / seconds}
+
+
+def base_model(spec, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(spec.base_model, dtype=torch.float32).to(device).requires_grad_(False)
+
+
+def in_training_logits(recipe: str, options, spec, task: str, batch: dict, device):
+    """`task`'s logits from mtft's own in-training model, rebuilt from the run's last checkpoint
+    (the loop saves the trainable tensors after the last step, the ones the recipe exports)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from mtft.train.tasklora import TaskLoRA, peft_init
+
+    lora = spec.lora  # from the spec, not the exported adapter_config.json: a wrong export must not agree
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+    model = base_model(spec, device)
+    if recipe == "sequential":  # plans.LoraPlan: the task's PEFT LoRA as it trained
+        model = get_peft_model(model, config)
+        set_peft_model_state_dict(model, load_file(options.output / task / "checkpoint" / "adapter.safetensors"))
+        with torch.no_grad():
+            return model.eval()(**batch).logits
+    init, model = peft_init(model, config)
+    embedding = spec.multitask.task_embedding
+    layers = TaskLoRA(model, [t.name for t in spec.tasks], init, lora.rank, lora.alpha, lora.dropout,
+                      shared=recipe == "shared", up_projections=embedding.up_projections, tau=embedding.mix_temperature)
+    state = load_file(options.output / "checkpoint" / "adapter.safetensors")
+    layers.load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})  # shared.SharedPlan's
+    # uncertainty weights sit beside the adapter in its checkpoint
+    with torch.no_grad(), layers.task(task):  # one-pass: the task's own layers; shared: conditioned on it
+        return model.eval()(**batch).logits
+
+
+def parity(spec, runs: dict, device, atol: float, perturb: str | None) -> list[dict]:
+    """Every published adapter through plain HF + PEFT vs the in-training model, on the task's held-out prompts."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    from mtft.registry import Registry, render_prompt
+    from mtft.train import generate
+    from mtft.train.evaluate import end_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(spec.base_model, padding_side="left")
+    rows = []
+    for recipe, options in runs.items():
+        registry = Registry(options.registry)
+        for task in spec.tasks:
+            record = registry.latest()[task.name]
+            # The run's own final evaluation, by the in-training model: inputs and greedy answers.
+            recorded = [json.loads(line) for line in
+                        (options.output / "predictions" / task.name / "adapter.jsonl").read_text().splitlines()]
+            prompts = [render_prompt(record.template, record.prefix, r["input"]) for r in recorded]
+            batch = tokenizer(prompts, return_tensors="pt", padding=True).to(device)
+            reference = in_training_logits(recipe, options, spec, task.name, batch, device)
+            served = PeftModel.from_pretrained(base_model(spec, device), registry.version_dir(task.name, record.version))
+            served.eval()
+            label = f"{recipe}/{task.name}"
+            with torch.no_grad():
+                if perturb == label:  # the negative control: an export that is not what trained
+                    for name, weight in served.named_parameters():
+                        if "lora_B" in name:
+                            weight.add_(0.05 * torch.randn_like(weight))
+                logits = served(**batch).logits
+                with served.disable_adapter():
+                    base_logits = served(**batch).logits
+            answers = generate(served, tokenizer, prompts, task.max_new_tokens, end_ids(tokenizer, record.template.format),
+                               spec.training.eval_batch_size)
+            mask = batch["attention_mask"].bool()
+            row = {"adapter": label, "version": record.version, "max_diff": float((logits - reference)[mask].abs().max()),
+                   "vs_base": float((logits - base_logits)[mask].abs().max()),
+                   "greedy_same": sum(a == r["prediction"] for a, r in zip(answers, recorded)), "prompts": len(recorded)}
+            # vs_base: an adapter that equals the base would pass the logits check vacuously.
+            row["ok"] = row["max_diff"] <= atol and row["greedy_same"] == row["prompts"] and row["vs_base"] > 10 * atol
+            rows.append(row)
+    return rows
+
+
+def run_parity(args: argparse.Namespace, folder: Path) -> tuple[list[dict], list[dict]]:
+    """Part `parity`: train, print the one-pass vs sequential speed and the parity table."""
+    import torch
+
+    device = torch.device(args.device)
+    spec, runs = train_recipes(args, folder)
+    speed = [{"recipe": recipe, **training_speed(options.output)} for recipe, options in runs.items()]
+    print(f"\ntiny model, {args.tiny_steps} steps of batch {spec.training.batch_size} per task, "
+          f"{len(spec.tasks)} tasks, float32, {device}")
+    print(f"{'recipe':<12}{'steps':>6}{'train s':>9}{'tokens/s':>11}{'vs sequential':>15}")
+    sequential = speed[0]["tokens_per_s"]
+    for r in speed:
+        print(f"{r['recipe']:<12}{r['steps']:>6}{r['seconds']:>9.2f}{r['tokens_per_s']:>11,.0f}"
+              f"{r['tokens_per_s'] / sequential:>14.2f}x")
+    checks = parity(spec, runs, device, args.atol, args.perturb)
+    print(f"\nexported adapter (HF + PEFT from the registry) vs the in-training model, on the task's "
+          f"held-out prompts, atol {args.atol:g}")
+    print(f"{'adapter':<20}{'version':>8}{'max |dlogit|':>14}{'vs base':>10}{'greedy same':>13}  verdict")
+    for r in checks:
+        print(f"{r['adapter']:<20}{r['version']:>8}{r['max_diff']:>14.1e}{r['vs_base']:>10.2f}"
+              f"{str(r['greedy_same']) + '/' + str(r['prompts']):>13}  {'ok' if r['ok'] else 'FAIL'}")
+    return speed, checks
+
+
+# ---- part `speed`: the training loop's speed on a SmolLM2-sized model, 1 vs N processes, fp32 vs bf16
 
 def worker(args: argparse.Namespace) -> None:
     """One configuration, on this process (and its peers under accelerate launch)."""
@@ -161,16 +311,60 @@ def run_config(args: argparse.Namespace, plan: str, dtype: str, processes: int, 
     return json.loads((out / "result.json").read_text())
 
 
+def run_speed(args: argparse.Namespace, folder: Path) -> list[dict]:
+    """Part `speed`: each plan x base dtype x process count in its own process group; prints the table."""
+    import torch
+
+    cpu = args.device == "cpu"
+    gpus = 0 if cpu else torch.cuda.device_count()
+    processes = args.processes or (2 if cpu else gpus)
+    rows = []
+    print(f"\n{args.model} model, {args.steps} steps of global batch {args.batch}, device "
+          f"{'cpu' if cpu else torch.cuda.get_device_name(0)} x{gpus or 1}", flush=True)
+    for plan in args.plans.split(","):
+        for dtype in args.dtypes.split(","):
+            counts = [1] + ([processes] if processes > 1 and (cpu or processes <= gpus) else [])
+            for n in counts:
+                out = folder / f"{plan}-{dtype}-{n}"
+                result = run_config(args, plan, dtype, n, out)
+                if n > 1:
+                    from safetensors.torch import load_file
+
+                    one = load_file(folder / f"{plan}-{dtype}-1" / "adapter.safetensors")
+                    many = load_file(out / "adapter.safetensors")
+                    result["max_diff_to_1"] = max(float((one[k] - many[k]).abs().max()) for k in one)
+                rows.append({"plan": plan, "dtype": dtype, "processes": n, **result})
+                print(json.dumps(rows[-1]), flush=True)
+    if processes <= 1 or (not cpu and processes > gpus):
+        print(f"N-process runs skipped: {gpus} GPU(s); NCCL needs one GPU per process")
+    base = {(r["plan"], r["processes"]): r for r in rows if r["dtype"] == rows[0]["dtype"]}
+    print(f"\n{'plan':<10}{'dtype':<10}{'procs':>6}{'step s':>9}{'tokens/s':>11}{'vs ' + rows[0]['dtype']:>13}"
+          f"{'vs 1 proc':>11}{'max |dw| vs 1':>15}")
+    for r in rows:
+        one = next(x for x in rows if (x["plan"], x["dtype"], x["processes"]) == (r["plan"], r["dtype"], 1))
+        fp32 = base[(r["plan"], r["processes"])]
+        diff = f"{r['max_diff_to_1']:.1e}" if "max_diff_to_1" in r else "-"
+        print(f"{r['plan']:<10}{r['dtype']:<10}{r['processes']:>6}{r['step']:>9.3f}{r['tokens_per_s']:>11,.0f}"
+              f"{r['tokens_per_s'] / fp32['tokens_per_s']:>12.2f}x{r['tokens_per_s'] / one['tokens_per_s']:>10.2f}x"
+              f"{diff:>15}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--model", choices=list(SHAPES), help="default: smollm2 on cuda, tiny on cpu")
-    parser.add_argument("--processes", type=int, help="N of the N-process runs (default: GPUs; cpu: 2)")
-    parser.add_argument("--steps", type=int, help="default: 30 on cuda, 6 on cpu")
-    parser.add_argument("--batch", type=int, default=16, help="global micro-batch (examples per step)")
-    parser.add_argument("--timeout", type=int, default=240, help="seconds per configuration")
-    parser.add_argument("--plans", default="adapters,one-pass", help="comma-separated: adapters, one-pass")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated base dtypes (float32 first)")
+    parser.add_argument("--parts", default="parity,speed", help="comma-separated: parity, speed")
+    parser.add_argument("--tiny-steps", type=int, default=8, help="parity: training steps per task")
+    parser.add_argument("--atol", type=float, default=1e-4, help="parity: largest logit difference allowed (fp32)")
+    parser.add_argument("--perturb", metavar="RECIPE/TASK", help="parity: add noise to this exported adapter "
+                        "(a negative control: must fail), e.g. shared/echo")
+    parser.add_argument("--model", choices=list(SHAPES), help="speed: default smollm2 on cuda, tiny on cpu")
+    parser.add_argument("--processes", type=int, help="speed: N of the N-process runs (default: GPUs; cpu: 2)")
+    parser.add_argument("--steps", type=int, help="speed: default 30 on cuda, 6 on cpu")
+    parser.add_argument("--batch", type=int, default=16, help="speed: global micro-batch (examples per step)")
+    parser.add_argument("--timeout", type=int, default=240, help="speed: seconds per configuration")
+    parser.add_argument("--plans", default="adapters,one-pass", help="speed: comma-separated: adapters, one-pass")
+    parser.add_argument("--dtypes", default="float32,bfloat16", help="speed: comma-separated base dtypes (float32 first)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--plan", default="adapters", help=argparse.SUPPRESS)
@@ -180,10 +374,15 @@ def main() -> None:
     cpu = args.device == "cpu"
     args.model = args.model or ("tiny" if cpu else "smollm2")
     args.steps = args.steps or (6 if cpu else 30)
+    if cpu:  # before torch is imported: the recipes take CUDA wherever they see it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    sys.path.insert(0, str(importable_tree()))
     if args.worker:
-        sys.path.insert(0, str(importable_tree()))
         return worker(args)
 
+    parts = set(args.parts.split(","))
+    if not parts or parts - {"parity", "speed"}:
+        sys.exit(f"--parts {args.parts!r}: choose from parity, speed (comma-separated)")
     missing = missing_packages()
     if missing:
         sys.exit(f"missing Python packages for mtft.train on this machine: {' '.join(missing)} (pip install them; "
@@ -191,42 +390,21 @@ def main() -> None:
     import torch
 
     if not cpu and not torch.cuda.is_available():
-        sys.exit("no CUDA device: run with --device cpu for the smoke mode")
-    gpus = 0 if cpu else torch.cuda.device_count()
-    processes = args.processes or (2 if cpu else gpus)
-    rows = []
-    print(f"{args.model} model, {args.steps} steps of global batch {args.batch}, device "
-          f"{'cpu' if cpu else torch.cuda.get_device_name(0)} x{gpus or 1}", flush=True)
+        sys.exit("no CUDA device: run with --device cpu")
+    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for plan in args.plans.split(","):
-            for dtype in args.dtypes.split(","):
-                counts = [1] + ([processes] if processes > 1 and (cpu or processes <= gpus) else [])
-                for n in counts:
-                    out = Path(tmp) / f"{plan}-{dtype}-{n}"
-                    result = run_config(args, plan, dtype, n, out)
-                    if n > 1:
-                        from safetensors.torch import load_file
-
-                        one = load_file(Path(tmp) / f"{plan}-{dtype}-1" / "adapter.safetensors")
-                        many = load_file(out / "adapter.safetensors")
-                        result["max_diff_to_1"] = max(float((one[k] - many[k]).abs().max()) for k in one)
-                    rows.append({"plan": plan, "dtype": dtype, "processes": n, **result})
-                    print(json.dumps(rows[-1]), flush=True)
-    if processes <= 1 or (not cpu and processes > gpus):
-        print(f"N-process runs skipped: {gpus} GPU(s); NCCL needs one GPU per process")
-    base = {(r["plan"], r["processes"]): r for r in rows if r["dtype"] == rows[0]["dtype"]}
-    print(f"\n{'plan':<10}{'dtype':<10}{'procs':>6}{'step s':>9}{'tokens/s':>11}{'vs ' + rows[0]['dtype']:>13}"
-          f"{'vs 1 proc':>11}"
-          f"{'max |dw| vs 1':>15}")
-    for r in rows:
-        one = next(x for x in rows if (x["plan"], x["dtype"], x["processes"]) == (r["plan"], r["dtype"], 1))
-        fp32 = base[(r["plan"], r["processes"])]
-        diff = f"{r['max_diff_to_1']:.1e}" if "max_diff_to_1" in r else "-"
-        print(f"{r['plan']:<10}{r['dtype']:<10}{r['processes']:>6}{r['step']:>9.3f}{r['tokens_per_s']:>11,.0f}"
-              f"{r['tokens_per_s'] / fp32['tokens_per_s']:>12.2f}x{r['tokens_per_s'] / one['tokens_per_s']:>10.2f}x"
-              f"{diff:>15}")
+        os.environ["MTFT_HOME"] = str(Path(tmp) / "home")  # the zero-shot cache stays in here
+        if "parity" in parts:
+            results["recipes"], results["parity"] = run_parity(args, Path(tmp) / "parity")
+        if "speed" in parts:
+            results["speed"] = run_speed(args, Path(tmp))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        args.json.write_text(json.dumps(results, indent=2))
+    failed = [r["adapter"] for r in results.get("parity", []) if not r["ok"]]
+    if failed:
+        sys.exit(f"\nparity FAILED for {', '.join(failed)}")
+    if "parity" in parts:
+        print(f"\nparity: all {len(results['parity'])} exported adapters match the models that trained them")
 
 
 if __name__ == "__main__":
