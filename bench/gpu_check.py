@@ -5,7 +5,16 @@
     python bench/gpu_check.py --device cpu         # also the speed matrix's smoke mode (6 min on 2 cores)
 
 For a lent GPU machine: the project tree is there, its venv is not, and no model can be fetched.
-So this script imports mtft's training package from the tree (no install) and never vLLM.
+So this script imports mtft's training package from the tree (no install) and never vLLM. The
+H200 image has torch, transformers, peft, accelerate, pytest and the rest, but not pydantic or
+rouge-score: bring them as wheels (4.4 MB; fetched here, not installed there yet):
+
+    pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 \
+        pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 nltk==3.10.4
+    pip wheel --no-deps -w .whl rouge-score==0.1.2        # an sdist only: built here, pure Python
+    # there: python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    #        PYTHONPATH=/tmp/site python3 bench/gpu_check.py
 
 Part `parity`: the test suite's tiny random Llama and its two tiny tasks (tests/conftest.py),
 trained a few steps on this device by mtft's own recipes through `mtft.train`'s public surface:

@@ -37,10 +37,10 @@ from mtft.serve.stack import free_port
 MTFT_SERVE = str(Path(sys.executable).with_name("mtft-serve"))
 HEAVY = ("torch", "transformers", "peft", "vllm")
 # Put first on sys.path by PYTHONPATH: refuses IMPORT_BLOCK's packages and, with IMPORT_DUMP set,
-# rewrites <IMPORT_DUMP>/<pid>.json with argv and sys.modules every 0.2 s (uvicorn re-raises
-# SIGTERM after its shutdown, so an atexit hook would never run in the router).
+# writes <IMPORT_DUMP>/<pid>.json with argv and sys.modules at exit and every 0.2 s before
+# (uvicorn re-raises SIGTERM after its shutdown, so the router never runs its atexit hooks).
 SITECUSTOMIZE = '''
-import json, os, sys, threading, time
+import atexit, json, os, sys, threading, time
 
 BLOCKED = set(filter(None, os.environ.get("IMPORT_BLOCK", "").split(",")))
 
@@ -56,17 +56,22 @@ sys.meta_path.insert(0, Refuse())
 folder = os.environ.get("IMPORT_DUMP")
 
 
-def dump():
+def write():
+    path = os.path.join(folder, f"{os.getpid()}.json")
+    with open(path + ".tmp", "w") as handle:
+        json.dump({"argv": sys.argv, "modules": sorted(sys.modules)}, handle)
+    os.replace(path + ".tmp", path)
+
+
+def every_moment():
     while True:
-        path = os.path.join(folder, f"{os.getpid()}.json")
-        with open(path + ".tmp", "w") as handle:
-            json.dump({"argv": sys.argv, "modules": sorted(sys.modules)}, handle)
-        os.replace(path + ".tmp", path)
+        write()
         time.sleep(0.2)
 
 
 if folder:
-    threading.Thread(target=dump, daemon=True).start()
+    atexit.register(write)
+    threading.Thread(target=every_moment, daemon=True).start()
 '''
 # Imported by the router only because this environment has them (vLLM brings them): FastAPI and
 # pydantic look for them and go on without (no form, e-mail or extra-typed fields are used),
