@@ -83,10 +83,11 @@ class Benchmark:
 
 
 BENCHMARKS = (
-    Benchmark("lora_throughput", "B1-lora-throughput",
+    Benchmark("lora_throughput", "B1-multi-adapter",
               ("--models", "tiny", "--repeats", "1", "--decode-requests", "16", "--prefill-requests", "4")),
-    Benchmark("router_overhead", "B2-router-overhead", ("--requests", "100", "--rounds", "1")),
-    Benchmark("router_latency", "B3-hot-add", ("--requests", "50")),
+    Benchmark("router_overhead", "B2-router-overhead", ("--requests", "100", "--rounds", "1", "--stack-prompts", "32")),
+    Benchmark("router_latency", "B3-hot-add",
+              ("--requests", "50", "--trials", "2", "--window-s", "3", "--idle-s", "3")),
     Benchmark("one_pass", "B4-training-one-pass", ("--steps", "4", "--eval-examples", "4")),
     Benchmark("train_speed", "B4-training-speed", ("--steps", "3", "--train", "40", "--eval", "8")),
     Benchmark("processes", "B4-training-processes", ("--steps", "4", "--eval-examples", "4")),
