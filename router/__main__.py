@@ -17,7 +17,8 @@ def main(argv: list[str]) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     logging.getLogger("watchfiles").setLevel(logging.WARNING)  # one line per registry change otherwise
     config = RouterConfig.load(Path(argv[0]))
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning")
+    # No access log: a line per request is the router's own cost, and /metrics counts them.
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":
