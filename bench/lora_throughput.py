@@ -150,6 +150,7 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
                     switch(mode)
                     rate = measure(llm, phase, TRAFFIC[name], loras, requests[phase.name], vocab, rng)
                     best[name, mode] = max(rate, best.get((name, mode), 0.0))
+                    print(f"{model.name} {phase.name} {name} {mode}: {rate:,.0f} tok/s", flush=True)
         for (name, mode), rate in best.items():
             ratio = rate / best["base", mode] if ("base", mode) in best else float("nan")
             rows.append((model.name, phase.name, name, mode, rate, ratio))
