@@ -1,6 +1,6 @@
 """What the router costs and how fast a hot-add goes live, measured on a real `mtft-serve` stack.
 
-    python bench/router_latency.py [--registry runs/registry] [--requests 200] [--max-tokens 4]
+    python bench/router_latency.py [--registry runs/registry] [--requests 200] [--max-tokens 4] [--trials 5]
 
 Without --registry (as `make bench` runs it) it trains the test suite's two tiny tasks on
 its tiny random Llama first (about 20 s).
@@ -20,10 +20,12 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import sys
 import tempfile
 import time
@@ -31,9 +33,13 @@ from pathlib import Path
 
 import httpx
 
-from mtft.registry import Registry, render_prompt
+sys.path.insert(0, str(Path(__file__).parent))
+from report import save  # noqa: E402
+
+from mtft.registry import Registry, render_prompt  # noqa: E402
 
 ADMIN_KEY = "bench-admin"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -53,10 +59,12 @@ def start(registry: Path, state: Path, port: int, flags: list[str]) -> subproces
     return process
 
 
-def first_answer(client: httpx.Client, url: str, task: str, started: float, timeout_s: float = 60) -> float:
+def first_answer(client: httpx.Client, url: str, task: str, started: float, adapter: str | None = None,
+                 timeout_s: float = 60) -> float:
+    """Seconds from `started` to `task`'s first answer (from `adapter`, if given)."""
     while time.monotonic() - started < timeout_s:
         response = client.post(url + "/v1/completions", json={"model": task, "prompt": "hello", "max_tokens": 1})
-        if response.status_code == 200:
+        if response.status_code == 200 and adapter in (None, response.headers["x-mtft-adapter"]):
             return time.monotonic() - started
         time.sleep(0.02)
     raise TimeoutError(task)
@@ -75,6 +83,142 @@ def tiny_registry(folder: Path) -> Path:
     return folder / "registry"
 
 
+def cpu_s(pid: int) -> float:
+    """The process's CPU seconds so far (user + system)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def side_router(state: Path, registry: Path, name: str, port: int, **options) -> tuple[subprocess.Popen, str]:
+    """Another router on the stack's vLLM (started as mtft-serve starts its own), serving `registry`."""
+    registry.mkdir()
+    config = {**json.loads((state / "router.json").read_text()), "registry": str(registry), "port": port, **options}
+    (state / f"{name}.json").write_text(json.dumps(config))
+    process = subprocess.Popen([sys.executable, "-m", "mtft.router", str(state / f"{name}.json")],
+                               env={**os.environ, "MTFT_ADMIN_KEY": ADMIN_KEY},
+                               stdout=open(state / f"{name}.log", "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    while not _ready(url):
+        if process.poll() is not None:
+            sys.exit(f"router {name} failed; see {state}/{name}.log")
+        time.sleep(0.2)
+    return process, url
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(url + "/ready", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def swap_windows(client: httpx.Client, router: str, registry: Registry, swapped, others: list[str],
+                 window_s: float, clients: int = 4) -> dict[str, list[float]]:
+    """Latencies (ms) of requests to `others`, in alternating windows without and with a new version of
+    `swapped` published (and waited for) every second; two windows of each."""
+    source = registry.version_dir(swapped.task, swapped.version)
+    windows: dict[str, list[float]] = {"no swap": [], "version swap every 1 s": []}
+    current = ["no swap"]
+    stopping = threading.Event()
+
+    def closed_loop(i: int) -> None:
+        with httpx.Client(timeout=60) as own:
+            while not stopping.is_set():
+                window, task = current[0], others[i % len(others)]
+                started = time.perf_counter()
+                own.post(router + "/v1/completions", json={"model": task, "prompt": "hello world", "max_tokens": 4,
+                                                           "temperature": 0}).raise_for_status()
+                if current[0] == window:
+                    windows[window].append((time.perf_counter() - started) * 1000)
+
+    threads = [threading.Thread(target=closed_loop, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    swaps = 0
+    try:
+        time.sleep(1)  # warm-up, not counted
+        for window in [*windows] * 2:
+            current[0] = window
+            ends = time.monotonic() + window_s
+            while time.monotonic() < ends:
+                if window == "no swap":
+                    time.sleep(0.05)
+                    continue
+                new = registry.publish(source, swapped)
+                first_answer(client, router, swapped.task, time.monotonic(), new.name)
+                swaps += 1
+                time.sleep(max(0.0, 1.0 - (time.monotonic() % 1.0)))
+    finally:
+        stopping.set()
+        for thread in threads:
+            thread.join()
+    print(f"{swaps} version swaps of {swapped.task} in {2 * window_s:g} s")
+    return windows
+
+
+def hot_add(client: httpx.Client, work: Path, registry: Registry, record, router: str, args) -> None:
+    """B3: the three ways to go live side by side, other tasks' latency during swaps, idle CPU."""
+    state = work / "state"
+    ready = json.loads((state / "ready.json").read_text())
+    polled_root, default_root = work / "registry-polled", work / "registry-default"
+    polling, polled_url = side_router(state, polled_root, "polling", args.port + 1, watch=False, poll_s=2.0)
+    default, _ = side_router(state, default_root, "default", args.port + 2, poll_s=2.0)
+    polled, source = Registry(polled_root), registry.version_dir(record.task, record.version)
+    others = ["base", *(task for task in registry.tasks() if task != args.swap_task)]
+    ways = {"notifications (poll 30 s)": ("watched", registry, router),
+            "poll every 2 s (watch off)": ("polled", polled, polled_url),
+            "POST /admin/adapters": ("posted", None, polled_url)}
+    times: dict[str, list[float]] = {way: [] for way in ways}
+    try:
+        for trial in range(args.trials):
+            for way, (short, target, url) in ways.items():
+                task = f"b3-{short}-{trial}"
+                changed = record.model_copy(update={"task": task, "prefix": f"{task}: "})
+                if target is not None:
+                    started = time.monotonic()
+                    target.publish(source, changed)
+                else:  # the version lands (a rename, as publish does), then the router is told at once
+                    staged = Registry(work / "staged")
+                    staged.publish(source, changed)
+                    started = time.monotonic()
+                    os.rename(staged.root / task, polled.root / task)
+                    client.post(url + "/admin/adapters", json={"task": task}, headers=ADMIN).raise_for_status()
+                times[way].append(first_answer(client, url, task, started))
+                client.delete(f"{url}/admin/adapters/{task}", headers=ADMIN).raise_for_status()
+            time.sleep(random.Random(trial).uniform(0.2, 2.2))  # publishes fall at other phases of the poll
+        windows = swap_windows(client, router, registry, registry.latest()[args.swap_task], others, args.window_s)
+        idle = {"stack's router (notifications, poll 30 s)": ready["router_pid"],
+                "watch off, poll 2 s": polling.pid, "notifications, poll 2 s (the default)": default.pid}
+        time.sleep(2)
+        before, started = {k: cpu_s(pid) for k, pid in idle.items()}, time.monotonic()
+        time.sleep(args.idle_s)
+        cpu = {k: (cpu_s(pid) - before[k]) / (time.monotonic() - started) * 1000 for k, pid in idle.items()}
+    finally:
+        for process in (polling, default):
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)
+
+    lines = ["| publish -> first routed answer | median s | min s | max s |", "|---|---|---|---|"]
+    lines += [f"| {way} | {statistics.median(v):.3f} | {min(v):.3f} | {max(v):.3f} |" for way, v in times.items()]
+    lines += ["", "| other tasks' latency (4 closed-loop clients) | requests | p50 ms | p99 ms | p99 ratio |",
+              "|---|---|---|---|---|"]
+    calm = percentile(windows["no swap"], 0.99)
+    lines += [f"| {w} | {len(v)} | {percentile(v, 0.5):.1f} | {percentile(v, 0.99):.1f} | "
+              f"{percentile(v, 0.99) / calm:.2f} |" for w, v in windows.items()]
+    lines += ["", "| router idle | CPU ms per s |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in cpu.items()]
+    table = "\n".join(lines)
+    print("\n" + table)
+    save("B3-hot-add", "Hot-add: publish to first routed answer, and other tasks' latency during a version swap",
+         table, {"publish_to_answer_s": times, "latency_ms": windows, "idle_cpu_ms_per_s": cpu,
+                 "trials": args.trials, "window_s": args.window_s},
+         notes=[f"{args.trials} trials per way, taken in turns; tiny test model, 2 CPU cores shared by vLLM and "
+                "three routers.",
+                "Notifications: inotify through watchfiles, 50 ms quiet time; the poll is the fallback.",
+                "The poll-only figure depends on where in its 2 s period the publish falls: 0-2 s plus the load.",
+                f"Swap windows: {args.window_s:g} s each, two of each kind in turns; p99 ratio = p99 / no-swap p99."])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--registry", type=Path, help="default: train the tiny test tasks first")
@@ -82,13 +226,17 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=4)
     parser.add_argument("--port", type=int, default=8790)
     parser.add_argument("--serve-flag", action="append", default=[], help="extra mtft-serve flag (repeat)")
+    parser.add_argument("--trials", type=int, default=5, help="B3: publishes per way of going live")
+    parser.add_argument("--window-s", type=float, default=10.0, help="B3: length of each latency window")
+    parser.add_argument("--idle-s", type=float, default=10.0, help="B3: how long the routers' idle CPU is measured")
+    parser.add_argument("--swap-task", default="yesno", help="B3: the task whose version is swapped")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="mtft-bench-"))
     shutil.copytree(args.registry or tiny_registry(work / "tiny"), work / "registry")
     registry = Registry(work / "registry")
     (work / "state").mkdir()
-    process = start(work / "registry", work / "state", args.port, args.serve_flag)
+    process = start(work / "registry", work / "state", args.port, ["--poll-s", "30", *args.serve_flag])
     try:
         ready = json.loads((work / "state" / "ready.json").read_text())
         router, vllm = f"http://127.0.0.1:{args.port}", f"http://127.0.0.1:{ready['vllm_port']}"
@@ -117,20 +265,7 @@ def main() -> None:
             added = [a - b for a, b in zip(timings["router"], timings["vLLM direct"])]
             print(f"{'router adds':<12} {percentile(added, 0.5):8.1f} {percentile(added, 0.99):8.1f} {statistics.mean(added):8.1f}")
 
-            started = time.monotonic()
-            registry.publish(registry.version_dir(record.task, record.version),
-                             record.model_copy(update={"task": "bench-polled", "prefix": "bench-polled: "}))
-            polled = first_answer(client, router, "bench-polled", started)
-            source = registry.version_dir(record.task, record.version)
-            staged = Registry(work / "staged")
-            staged.publish(source, record.model_copy(update={"task": "bench-posted", "prefix": "bench-posted: "}))
-            started = time.monotonic()
-            os.rename(staged.root / "bench-posted", registry.root / "bench-posted")
-            client.post(router + "/admin/adapters", json={"task": "bench-posted"},
-                        headers={"Authorization": f"Bearer {ADMIN_KEY}"}).raise_for_status()
-            posted = first_answer(client, router, "bench-posted", started)
-            print(f"publish -> first routed answer: {polled:.2f} s via the registry poller, "
-                  f"{posted:.3f} s via POST /admin/adapters")
+            hot_add(client, work, registry, record, router, args)
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
