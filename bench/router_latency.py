@@ -176,14 +176,15 @@ def hot_add(client: httpx.Client, work: Path, registry: Registry, record, router
                 changed = record.model_copy(update={"task": task, "prefix": f"{task}: "})
                 if target is not None:
                     started = time.monotonic()
-                    target.publish(source, changed)
+                    published = target.publish(source, changed)
                 else:  # the version lands (a rename, as publish does), then the router is told at once
                     staged = Registry(work / "staged")
-                    staged.publish(source, changed)
+                    published = staged.publish(source, changed)
                     started = time.monotonic()
                     os.rename(staged.root / task, polled.root / task)
                     client.post(url + "/admin/adapters", json={"task": task}, headers=ADMIN).raise_for_status()
-                times[way].append(first_answer(client, url, task, started))
+                # By its adapter: before the task is known, learned routing may answer its name from another.
+                times[way].append(first_answer(client, url, task, started, published.name))
                 client.delete(f"{url}/admin/adapters/{task}", headers=ADMIN).raise_for_status()
             time.sleep(random.Random(trial).uniform(0.2, 2.2))  # publishes fall at other phases of the poll
         windows = swap_windows(client, router, registry, registry.latest()[args.swap_task], others, args.window_s)

@@ -119,7 +119,7 @@ async def ask(client: openai.AsyncOpenAI, job: Job) -> Outcome:
             outcome.text = "".join(pieces)
         else:
             raw = await api.with_raw_response.create(model=job.model, **options)
-            outcome.adapter, choice = raw.headers["x-mtft-adapter"], (await raw.parse()).choices[0]
+            outcome.adapter, choice = raw.headers["x-mtft-adapter"], raw.parse().choices[0]
             outcome.text = choice.message.content if chat else choice.text
     except Exception as exc:  # every failure counts; none is expected
         outcome.error = exc
