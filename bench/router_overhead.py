@@ -103,7 +103,7 @@ def measured(url: str, body: dict, requests: int, concurrency: int, pids: dict[s
 def start_router(config: RouterConfig, folder: Path, code: Path | None = None) -> subprocess.Popen:
     """The router on `config`; `code`: a folder holding another `mtft` package to run instead."""
     path = folder / f"router-{config.port}.json"
-    path.write_text(config.model_dump_json())
+    path.write_text(config.model_dump_json(exclude_defaults=True))  # an older router may not know newer fields
     env = {**os.environ, "PYTHONPATH": str(code)} if code else None  # ahead of the editable install
     process = subprocess.Popen([sys.executable, "-m", "mtft.router", str(path)], env=env,
                                stdout=open(folder / f"router-{config.port}.log", "ab"), stderr=subprocess.STDOUT)
@@ -145,16 +145,17 @@ def fake_backend(args, work: Path) -> tuple[list[dict], list[str]]:
     fake = FakeVLLM(free_port(), "--chunk-delay", "0", base="tiny").start()
     config = RouterConfig(registry=registry.root, backends=[fake.url], base_model="tiny", base_name="tiny",
                           base_fingerprint=record.base_model.fingerprint, max_rank=8, port=free_port())
-    routers = {"router": start_router(config, work)}
+    routers: dict[str, subprocess.Popen] = {}
     paths = {"direct": (fake.url, {"model": record.name, "prompt": render_prompt(record.template, record.prefix,
                                                                                  "hello world")}),
              "router": (f"http://127.0.0.1:{config.port}", {"model": record.task, "prompt": "hello world"})}
-    if args.baseline:
-        old = config.model_copy(update={"port": free_port()})
-        routers[args.baseline] = start_router(old, work, checkout(args.baseline, work / "baseline"))
-        paths[args.baseline] = (f"http://127.0.0.1:{old.port}", paths["router"][1])
     rows, lines = [], []
     try:
+        routers["router"] = start_router(config, work)
+        if args.baseline:
+            old = config.model_copy(update={"port": free_port()})
+            routers[args.baseline] = start_router(old, work, checkout(args.baseline, work / "baseline"))
+            paths[args.baseline] = (f"http://127.0.0.1:{old.port}", paths["router"][1])
         for stream in (False, True):
             for concurrency in args.concurrency:
                 seen: dict[str, list[dict]] = {name: [] for name in paths}
