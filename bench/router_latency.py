@@ -217,7 +217,9 @@ def hot_add(client: httpx.Client, work: Path, registry: Registry, record, router
                 "three routers.",
                 "Notifications: inotify through watchfiles, 50 ms quiet time; the poll is the fallback.",
                 "The poll-only figure depends on where in its 2 s period the publish falls: 0-2 s plus the load.",
-                f"Swap windows: {args.window_s:g} s each, two of each kind in turns; p99 ratio = p99 / no-swap p99."])
+                f"Swap windows: {args.window_s:g} s each, two of each kind in turns; p99 ratio = p99 / no-swap p99.",
+                f"Idle CPU counts clock ticks ({1000 / os.sysconf('SC_CLK_TCK'):g} ms each) over {args.idle_s:g} s: "
+                "smaller differences than one tick per window do not show."])
 
 
 def main() -> None:
