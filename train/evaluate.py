@@ -71,16 +71,28 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, end_ids:
             eos_token_id=end_ids,
             pad_token_id=pad_id,
         )
-        for row in out[:, width:].tolist():
-            cut = next((i for i, t in enumerate(row) if t in end_ids), len(row))
-            answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+        answers += decode_answers(tokenizer, out[:, width:].tolist(), end_ids)
     model.train(was_training)
     return answers
 
 
-def evaluate(model, tokenizer, examples: list[Example], metric: str, labels: list[str] | None,
-             max_new_tokens: int, end_ids: list[int], batch_size: int, desc: str | None = None) -> Evaluation:
-    predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, end_ids, batch_size, desc)
+def decode_answers(tokenizer, rows: list[list[int]], end_ids: list[int]) -> list[str]:
+    """Answer texts from generated token ids: cut at the first end token (every engine alike)."""
+    answers = []
+    for row in rows:
+        cut = next((i for i, t in enumerate(row) if t in end_ids), len(row))
+        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True).strip())
+    return answers
+
+
+def scored(examples: list[Example], predictions: list[str], metric: str, labels: list[str] | None) -> Evaluation:
     references = [e.target.strip() for e in examples]
     return Evaluation(score(metric, predictions, references, labels=labels), predictions,
                       score_examples(metric, predictions, references, labels=labels), references, metric, labels)
+
+
+def evaluate(model, tokenizer, examples: list[Example], metric: str, labels: list[str] | None,
+             max_new_tokens: int, end_ids: list[int], batch_size: int, desc: str | None = None) -> Evaluation:
+    """HF `generate` on `model` (the base with its adapter applied), scored."""
+    predictions = generate(model, tokenizer, [e.prompt for e in examples], max_new_tokens, end_ids, batch_size, desc)
+    return scored(examples, predictions, metric, labels)

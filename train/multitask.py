@@ -9,6 +9,7 @@ published like any adapter. Sequential shared runs also write `forgetting.txt`.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Callable
 
 import torch
@@ -103,7 +104,7 @@ def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained
         scores = {}
         for name in names:
             with lora.task(name):
-                scores[name] = session.score(session.model, spec.task(name), label)
+                scores[name] = session.score(session.model, spec.task(name), label, partial(lora.export, name))
         return scores
 
     setup = loop.Loop(spec.training, options.output / "checkpoint", session.log, session.accelerator,

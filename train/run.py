@@ -33,11 +33,14 @@ def _train(session: Session, task: TaskSpec) -> None:
     resumable = session.claim([task.name], session.config_hash(NOT_SHAPING | {"eval_every"},
                                                                task=task.model_dump(mode="json")))
     log = session.log.scoped(task.name)
+    def weights() -> dict[str, torch.Tensor]:
+        return get_peft_model_state_dict(model)
+
     setup = loop.Loop(session.spec.training, session.options.output / task.name / "checkpoint", log,
                       session.accelerator, session.pad_id,
-                      lambda names, label: {task.name: session.score(model, task, label)})
+                      lambda names, label: {task.name: session.score(model, task, label, weights)})
     loop.train(plan, setup, resumable)
-    session.task_state(task.name).adapter_score = session.score(model, task, "adapter")
-    weights = get_peft_model_state_dict(model)
+    session.task_state(task.name).adapter_score = session.score(model, task, "adapter", weights)
+    weights = weights()
     session.model = model.unload()
     session.publish(task, weights, "mtft-train adapters", log, plan.total_steps)

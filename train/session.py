@@ -26,15 +26,17 @@ from mtft.registry.rollout import Gate
 from .base import mtft_home, resolve_base
 from .batches import Tokenized, tokenize
 from .data import TaskData, load_task_data
-from .evaluate import end_ids, evaluate
+from .evaluate import end_ids, generate, scored
 from .gate import baseline, eval_hash, judge, serving_record
 from .processes import Ranks, check_processes, start_accelerator
 from .runlog import RunLog, plot
 from .spec import Spec, SpecError, TaskSpec
+from .vllm_eval import Adapter, EngineConfig, EngineError, VllmEvaluator, vllm_installed, vllm_rank
 
 log = logging.getLogger(__name__)
 
-NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size"}  # settings that change nothing learnt
+AUTO_VLLM_EXAMPLES = 100  # eval examples per run from which vLLM's ~25 s start pays off (bench/eval_speed.py)
+NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size", "eval_engine"}  # settings that change nothing learnt
 
 
 @dataclass(frozen=True)
@@ -160,6 +162,24 @@ def choose_dtype(requested: str, device: torch.device) -> tuple[torch.dtype, str
                            "times slower (set training.dtype: bfloat16 to force it)")
 
 
+def choose_engine(requested: str, installed: bool, device: str, examples: int) -> tuple[str, str]:
+    """("vllm" | "hf", why) for `training.eval_engine`; ValueError (the why) where vllm is forced and cannot run."""
+    why_not = ("vLLM is not installed" if not installed else
+               "vLLM beside training on one GPU is not set up" if device != "cpu" else None)
+    if requested == "vllm":
+        if why_not:
+            raise ValueError(f"training.eval_engine: vllm, but {why_not}; use auto or hf")
+        return "vllm", "training.eval_engine: vllm"
+    if requested == "hf":
+        return "hf", "training.eval_engine: hf"
+    if why_not:
+        return "hf", f"auto: {why_not}"
+    if examples < AUTO_VLLM_EXAMPLES:
+        return "hf", (f"auto: {examples} eval examples; vLLM's start pays off from about {AUTO_VLLM_EXAMPLES} "
+                      "(training.eval_engine: vllm forces it)")
+    return "vllm", f"auto: {examples} eval examples"
+
+
 class Session:
     """A started run: the frozen base (loaded once), the registry, `state.json` and the run log."""
 
@@ -193,6 +213,7 @@ class Session:
         torch.manual_seed(spec.training.seed)
         self.model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=self.dtype)
         self.model.to(self.accelerator.device).requires_grad_(False)
+        self.evaluator = self._evaluator() if ranks.is_main else None
 
     def task_state(self, name: str) -> TaskState:
         return self.state.tasks.setdefault(name, TaskState())
@@ -249,18 +270,54 @@ class Session:
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                           target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
 
-    def score(self, model, task: TaskSpec, label: str) -> float:
+    def _evaluator(self) -> VllmEvaluator | None:
+        """The vLLM evaluation engine where `training.eval_engine` picks it (started at first use), else None."""
+        examples = sum(len(self.checked.data[t.name].eval) for t in self.tasks)
+        try:
+            engine, reason = choose_engine(self.spec.training.eval_engine, vllm_installed(),
+                                           self.accelerator.device.type, examples)
+        except ValueError as error:
+            raise SpecError(str(self.spec.source), [str(error)]) from None
+        log.info("evaluation engine: %s (%s)", engine, reason)
+        if engine == "hf":
+            return None
+        longest = max(len(self.tokenizer(e.prompt).input_ids) + t.max_new_tokens
+                      for t in self.tasks for e in self.checked.data[t.name].eval)
+        # A gate may rescore a serving version of another rank: the engine takes the largest.
+        names = {t.name for t in self.tasks}
+        rank = max([self.spec.lora.rank] + [r.rank for r in self.registry.records() if r.task in names])
+        config = EngineConfig(str(self.checked.base_dir), str(self.dtype).removeprefix("torch."),
+                              vllm_rank(rank), longest + 8, threads=self.spec.training.threads)
+        return VllmEvaluator(config, self.options.output / "vllm-eval.log", self.lora_config())
+
+    def score(self, model, task: TaskSpec, label: str, adapter: Adapter = None) -> float:
         """The task's metric on its held-out split, greedy, as the router would answer.
 
+        `model` is the base with the adapter applied (for HF generate), `adapter` the same adapter
+        as vLLM loads it (a folder or a function giving its PEFT weights; None: the base).
         The predictions go to `predictions/<task>/<label>.jsonl`, each with its own score. The
         main process evaluates; every process gets the score (dynamic mixing may follow it).
         """
-        return self.ranks.from_main(lambda: self._score(model, task, label))
+        return self.ranks.from_main(lambda: self._score(model, task, label, adapter))
 
-    def _score(self, model, task: TaskSpec, label: str) -> float:
+    def _answers(self, model, task: TaskSpec, label: str, adapter: Adapter) -> list[str]:
+        prompts, desc = [e.prompt for e in self.checked.data[task.name].eval], f"eval {task.name} ({label})"
+        if self.evaluator is not None:
+            try:
+                return self.evaluator.answers(self.tokenizer, prompts, task.max_new_tokens, self.end_ids(task),
+                                              adapter, desc)
+            except EngineError as error:
+                if self.spec.training.eval_engine == "vllm":
+                    raise
+                log.warning("evaluation engine: falling back to hf for the rest of the run: %s", error)
+                self.evaluator.close()
+                self.evaluator = None
+        return generate(model, self.tokenizer, prompts, task.max_new_tokens, self.end_ids(task),
+                        self.spec.training.eval_batch_size, desc)
+
+    def _score(self, model, task: TaskSpec, label: str, adapter: Adapter = None) -> float:
         examples = self.checked.data[task.name].eval
-        result = evaluate(model, self.tokenizer, examples, task.metric, task.labels, task.max_new_tokens,
-                          self.end_ids(task), self.spec.training.eval_batch_size, f"eval {task.name} ({label})")
+        result = scored(examples, self._answers(model, task, label, adapter), task.metric, task.labels)
         result.save(self.options.output / "predictions" / task.name / f"{label}.jsonl", examples)
         # The final table and state.json keep intervals of these two; evaluations during training skip it.
         if label == "base":
@@ -291,7 +348,9 @@ class Session:
                 rows = [json.loads(line) for line in cached.read_text().splitlines()]
                 state.base_score, state.base_interval = rows[0]["score"], tuple(rows[0]["interval"])
                 predictions.parent.mkdir(parents=True, exist_ok=True)
-                predictions.write_text("".join(json.dumps(r) + "\n" for r in rows[1:]))
+                # The same examples (the key holds them), maybe from files elsewhere: this run's places.
+                here = [{**r, "where": e.where} for r, e in zip(rows[1:], self.checked.data[task.name].eval)]
+                predictions.write_text("".join(json.dumps(r) + "\n" for r in here))
                 how = f"cached in {cached}"
             else:
                 state.base_score = self._score(self.model, task, "base")
@@ -308,7 +367,8 @@ class Session:
         examples = [(e.prompt, e.target) for e in self.checked.data[task.name].eval]
         key = {"format": 2, "base": self.base_ref.fingerprint, "dtype": str(self.dtype), "end_ids": self.end_ids(task),
                "task": task.model_dump(mode="json", include={"metric", "labels", "max_new_tokens"}),
-               "batch": self.spec.training.eval_batch_size, "examples": examples}
+               "batch": self.spec.training.eval_batch_size, "examples": examples,
+               "engine": "vllm" if self.evaluator is not None else "hf"}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
     def publish(self, task: TaskSpec, weights: dict[str, torch.Tensor], trained_by: str, log: RunLog, steps: int) -> None:
@@ -366,9 +426,10 @@ class Session:
         from peft import PeftModel
 
         log.info("%s: scoring the serving v%d on this run's eval data for the gate", task.name, record.version)
-        model = PeftModel.from_pretrained(self.model, self.registry.version_dir(task.name, record.version))
+        folder = self.registry.version_dir(task.name, record.version)
+        model = PeftModel.from_pretrained(self.model, folder)
         try:
-            return self._score(model.eval(), task, f"serving-v{record.version}")
+            return self._score(model.eval(), task, f"serving-v{record.version}", folder)
         finally:
             self.model = model.unload()
 
@@ -380,6 +441,8 @@ class Session:
 
     def finish(self, mode: str, results: list[TaskResult], stage_ends: list[int] | None = None) -> list[TaskResult]:
         """`curves.png` from the run log and `results.json`: the run's final per-task scores."""
+        if self.evaluator is not None:
+            self.evaluator.close()
         if not self.ranks.is_main:
             return results
         plot(self.log.rows(), self.options.output / "curves.png", {t.name: t.metric for t in self.tasks}, stage_ends)

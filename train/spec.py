@@ -137,6 +137,10 @@ class TrainingSpec(Strict):
     eval_batch_size: int = Field(default=16, gt=0)
     packing: bool = Field(default=False, description="pack a micro-batch's examples into rows of max_length "
                           "tokens (per-example positions and attention); off: one example per row")
+    eval_engine: Literal["auto", "vllm", "hf"] = Field(
+        default="auto", description="what generates evaluation answers: vllm (offline engine, same answers, "
+        "faster on large evaluations), hf (transformers generate); auto: vllm where installed and the run "
+        "evaluates enough examples to pay for its start")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="the frozen base's dtype (adapters and optimizer stay float32); "
         "auto: bfloat16 where the hardware computes it natively, else float32")
