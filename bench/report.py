@@ -91,6 +91,7 @@ BENCHMARKS = (
     Benchmark("one_pass", "B4-training-one-pass", ("--steps", "4", "--eval-examples", "4")),
     Benchmark("train_speed", "B4-training-speed", ("--steps", "3", "--train", "40", "--eval", "8")),
     Benchmark("processes", "B4-training-processes", ("--steps", "4", "--eval-examples", "4")),
+    Benchmark("eval_speed", "B4-eval-speed", ("--eval", "20")),
     Benchmark("many_adapters", "B5-many-adapters", ("--adapters", "100", "--requests", "150")),
     Benchmark("learned_routing", "learned-routing", ("--train", "100", "--eval", "50")),
 )
