@@ -53,7 +53,7 @@ def test_report_has_machine_versions_commands_and_sections_in_group_order(report
 
 
 def test_only_names_keys_groups_or_scripts(report):
-    assert [b.script for b in report.chosen("B4")] == ["one_pass", "train_speed", "processes"]
+    assert [b.script for b in report.chosen("B4")] == ["one_pass", "train_speed", "processes", "eval_speed"]
     assert [b.key for b in report.chosen("many_adapters,B1-multi-adapter")] == ["B1-multi-adapter",
                                                                                   "B5-many-adapters"]
     with pytest.raises(SystemExit, match="--only B9: no such benchmark; choose from B1-multi-adapter"):
