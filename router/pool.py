@@ -102,9 +102,15 @@ class Pool:
                 backend.refused[name] = "the router knows no folder to load it from"
                 raise Refused(f"{backend.url} lacks {name} and the router knows no folder to load it from")
             for old in evict:
-                if old in backend.loaded and not backend.adapter_inflight[old] and old not in self.pinned:
-                    log.info("evicting %s from %s (least recently used) to load %s", old, backend.url, name)
-                    await backend.unload(self.client, old)
+                # Under `old`'s own lock, so that no request loads it again while vLLM still holds it
+                # (vLLM would answer "already loaded", then list it as gone). One that is being
+                # loaded or evicted now is left alone: taking its lock here could deadlock.
+                if backend.locks[old].locked():
+                    continue
+                async with backend.locks[old]:
+                    if old in backend.loaded and not backend.adapter_inflight[old] and old not in self.pinned:
+                        log.info("evicting %s from %s (least recently used) to load %s", old, backend.url, name)
+                        await backend.unload(self.client, old)
             await backend.load(self.client, name, path)
             log.info("loaded %s on %s", name, backend.url)
 

@@ -42,8 +42,9 @@ def error(status: int, message: str) -> JSONResponse:
 
 
 def app(base: str, port: int = 0, max_rank: int | None = None, delay_s: float = 0.0, events: Path | None = None,
-        runtime_lora: bool = True, chunk_delay_s: float = 0.05) -> Starlette:
+        runtime_lora: bool = True, chunk_delay_s: float = 0.05, unload_delay_s: float = 0.0) -> Starlette:
     held: set[str] = set()
+    leaving: set[str] = set()  # being unloaded (see unload)
 
     def note(what: str, model: str) -> None:
         if events is not None:
@@ -54,7 +55,7 @@ def app(base: str, port: int = 0, max_rank: int | None = None, delay_s: float = 
         return JSONResponse({})
 
     async def models(_request: Request) -> JSONResponse:
-        return JSONResponse({"data": [{"id": name} for name in (base, *sorted(held))]})
+        return JSONResponse({"data": [{"id": name} for name in (base, *sorted(held - leaving))]})
 
     async def load(request: Request) -> JSONResponse:
         body = await request.json()
@@ -72,7 +73,12 @@ def app(base: str, port: int = 0, max_rank: int | None = None, delay_s: float = 
         name = (await request.json())["lora_name"]
         if name not in held:
             return error(404, f"The lora adapter '{name}' cannot be found.")
+        # While vLLM frees the slot the adapter is no longer listed, yet a load of it is refused as
+        # "already loaded" (seen with 500 adapters and few slots).
+        leaving.add(name)
+        await asyncio.sleep(unload_delay_s)
         held.discard(name)
+        leaving.discard(name)
         return JSONResponse({})
 
     async def completions(request: Request):
@@ -171,7 +177,8 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=Path)
     parser.add_argument("--no-runtime-lora", action="store_true")
     parser.add_argument("--chunk-delay", type=float, default=0.05)
+    parser.add_argument("--unload-delay", type=float, default=0.0)
     args = parser.parse_args()
     uvicorn.run(app(args.base, args.port, args.max_rank, args.delay, args.events, not args.no_runtime_lora,
-                    args.chunk_delay),
+                    args.chunk_delay, args.unload_delay),
                 host="127.0.0.1", port=args.port, log_level="warning")

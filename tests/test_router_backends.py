@@ -191,3 +191,34 @@ def test_with_no_backend_in_rotation_requests_get_503_with_retry_after(registry,
         assert caught.value.body["code"] == "upstream_unavailable"
         wait_for(lambda: httpx.get(url + "/ready").status_code == 503)
         assert "no backend is in rotation" in httpx.get(url + "/ready").json()["error"]["message"]
+
+
+def test_an_adapter_asked_for_while_its_eviction_is_under_way_is_loaded_again_not_refused(registry, tiny_base):
+    """One slot, two tasks asked for at once: every load evicts the other, which vLLM stops listing
+    before it can load it again. A load of the evicted one must wait for that unload, never turn
+    into a lasting refusal. (With one slot, a request whose adapter cannot get the slot while the
+    other has requests in flight gets 503 with Retry-After: that is the design.)"""
+    publish_zero(registry, tiny_base, "echo", base_fingerprint=FINGERPRINT)
+    fake = FakeVLLM(free_port(), "--unload-delay", "0.2").start()
+    try:
+        with router(registry, [fake], slots=1) as (url, client):
+            answers: list[tuple[str, str]] = []
+
+            def asker(task: str) -> None:
+                for _ in range(6):
+                    try:
+                        answers.append((task, ask(client, task).split(":")[1]))
+                    except openai.APIStatusError as error:
+                        answers.append((task, f"{error.status_code} {error.message}"))
+
+            threads = [threading.Thread(target=asker, args=(task,)) for task in ("yesno", "echo") * 2]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            busy = "503 Error code: 503 - every healthy backend's slots hold adapters with requests in flight"
+            assert all(answer == f"{task}-v1" or answer.startswith(busy) for task, answer in answers), answers
+            assert {answer for _, answer in answers} >= {"yesno-v1", "echo-v1"}
+            assert backends(url)[fake.url]["refused"] == {}
+    finally:
+        fake.process.kill()
