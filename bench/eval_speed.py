@@ -76,7 +76,7 @@ def main() -> None:
     evaluator = VllmEvaluator(EngineConfig(str(base), str(dtype).removeprefix("torch."), 8, longest + 8,
                                            threads=args.threads), scratch / "vllm-eval.log")
     began = time.perf_counter()
-    evaluator.generate([[1]], 1, [0], None)  # starts the worker
+    evaluator.start()
     start_s = time.perf_counter() - began
 
     rows, data = [], []

@@ -107,7 +107,7 @@ class VllmEvaluator:
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, end_ids: list[int],
                  adapter_dir: Path | None) -> list[list[int]]:
         """Greedy answer token ids per prompt; generation stops at any of `end_ids` (kept in the answer)."""
-        self._start()
+        self.start()
         self._requests += 1
         request = {"prompts": prompt_ids, "max_tokens": max_new_tokens, "end_ids": end_ids,
                    "adapter": str(adapter_dir) if adapter_dir is not None else None, "id": self._requests}
@@ -117,7 +117,8 @@ class VllmEvaluator:
             raise EngineError(f"the vLLM evaluation worker failed: {reply['error']} (log: {self.log_path})")
         return reply["answers"]
 
-    def _start(self) -> None:
+    def start(self) -> None:
+        """Start the worker and wait for its engine (about 25 s); `generate` calls it, a benchmark may first."""
         if self._process is not None:
             return
         began = time.perf_counter()
