@@ -8,7 +8,9 @@ to vLLM), `client` (one `httpx.AsyncClient` for the control calls: health checks
 loads) and `live` (the live route table and its pool of backends, polled by a background
 loop). The relay is aiohttp's: with it (and plain routes for inference) the router's CPU per
 request fell from 4-5 ms to 1.4-2 ms (bench/router_overhead.py); the control calls are few and keep httpx.
-Every error leaves through one handler in OpenAI's shape, with server paths replaced.
+`RouterApp` then hands the two inference paths to their handlers straight from ASGI, past the
+middleware stack and route matching. Every error leaves through one handler in OpenAI's shape,
+with server paths replaced.
 """
 
 from __future__ import annotations
@@ -20,18 +22,43 @@ import aiohttp
 import httpx
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.types import Receive, Scope, Send
 
 from .config import Keys, RouterConfig
-from .endpoints import endpoints
+from .endpoints import INFERENCE, endpoints
 from .errors import APIError, error_response
 from .live import LiveTable
 from .metrics import BackendMetrics, RequestMetrics
 from .public import Public
 
 
-def create_app(config: RouterConfig, keys: Keys | None = None) -> FastAPI:
+class RouterApp(FastAPI):
+    """FastAPI, except that a POST to an inference path goes straight to its handler.
+
+    What Starlette's stack does for it is done here: the app on the scope, and every error
+    answered by `error_response`; one that is not ours is re-raised once answered, for the
+    server to log, as Starlette's ServerErrorMiddleware does."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handler = INFERENCE.get(scope["path"]) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if handler is None:
+            return await super().__call__(scope, receive, send)
+        scope["app"] = self
+        request = Request(scope, receive)
+        try:
+            response = await handler(request)
+        except (APIError, HTTPException) as exc:
+            response = error_response(request, exc)
+        except Exception as exc:
+            await error_response(request, exc)(scope, receive, send)
+            raise
+        await response(scope, receive, send)
+
+
+def create_app(config: RouterConfig, keys: Keys | None = None) -> RouterApp:
     """The router for `config`; keys default to the environment's (`Keys.from_env`)."""
-    app = FastAPI(title="mtft router", lifespan=_lifespan)
+    app = RouterApp(title="mtft router", lifespan=_lifespan)
     app.state.config = config
     app.state.keys = keys if keys is not None else Keys.from_env()
     app.state.metrics = RequestMetrics()

@@ -4,8 +4,10 @@ Inference (`/v1/completions`, `/v1/chat/completions`) goes through `inference.in
 `/v1/models` lists the tasks a key may use; `/health`, `/ready` and `/metrics` are
 for operators; `/admin/adapters` adds, lists and withdraws adapters while serving.
 Keys are checked first (a dependency), then the body is read within its size limit.
-The two inference endpoints are plain Starlette routes: FastAPI's dependency solving and
-response handling cost them more than the rest of the router's own work (bench/router_overhead.py).
+The two inference endpoints (`INFERENCE`) are plain handlers that `RouterApp` calls straight
+from ASGI: FastAPI's dependency solving, Starlette's middleware and route matching cost them more
+than the rest of the router's own work (bench/router_overhead.py). They stay registered as
+Starlette routes too, so other methods on their paths are answered as before (405).
 """
 
 from __future__ import annotations
@@ -62,8 +64,9 @@ async def chat_completions(request: Request) -> Response:
     return await infer(request, CHAT, await read_body(request), allowed)
 
 
-endpoints.add_route(COMPLETIONS, completions, methods=["POST"])
-endpoints.add_route(CHAT, chat_completions, methods=["POST"])
+INFERENCE = {COMPLETIONS: completions, CHAT: chat_completions}
+for _path, _handler in INFERENCE.items():
+    endpoints.add_route(_path, _handler, methods=["POST"])
 
 
 @endpoints.get("/v1/models")

@@ -25,10 +25,11 @@ from dataclasses import replace
 
 import aiohttp
 import httpx
+import orjson
 from starlette.background import BackgroundTask
 from starlette.datastructures import State
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
 from .backends import Backend, Down
 from .config import RouterConfig
@@ -112,11 +113,11 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     try:
         await _open(inflight, state.live, state, call, body.stream)
         if not body.stream:
-            answer = json.loads(await inflight.upstream.read())
+            answer = orjson.loads(await inflight.upstream.read())
             await inflight.close(200, answer.get("usage"))
             shown = (chat_answer(answer, answered_by) if call.chat_from_completion
                      else shaped(answer, answered_by, call.asked))
-            return JSONResponse(shown, headers=headers)
+            return Response(orjson.dumps(shown), headers=headers, media_type="application/json")
     except APIError as exc:
         await inflight.close(exc.status, code=exc.code)
         raise
@@ -140,7 +141,7 @@ class BackendFailed(Exception):
 async def _open(inflight: InFlight, live: LiveTable, state: State, call: Exchange, stream: bool) -> None:
     """Place the call, send it, and leave vLLM's answer on `inflight` (its body still to read)."""
     pool, tried, config = live.pool, set(), state.config
-    payload = json.dumps(call.payload).encode()
+    payload = orjson.dumps(call.payload)
     for attempt in (1, 2):
         backend = await pool.pick(inflight.route.upstream_model, live.path_of, frozenset(tried))
         inflight.on(backend)
@@ -214,7 +215,7 @@ async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public)
             if data == b"[DONE]":
                 yield b"data: [DONE]\n\n"
                 continue
-            chunk = json.loads(data)
+            chunk = orjson.loads(data)
             if chunk.get("usage"):
                 inflight.usage = chunk["usage"]
                 if not call.client_wants_usage:
@@ -223,7 +224,7 @@ async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public)
                     chunk.pop("usage")
             chunk = (chat_chunk(chunk, started, inflight.answered_by) if call.chat_from_completion
                      else shaped(chunk, inflight.answered_by, call.asked))
-            yield b"data: " + json.dumps(chunk).encode() + b"\n\n"
+            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
     except (aiohttp.ClientError, TimeoutError) as exc:
         backend = inflight.backend
         if backend is not None:

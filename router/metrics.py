@@ -37,15 +37,28 @@ class RequestMetrics:
                                  ["route"], registry=self.registry,
                                  buckets=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.2, 1.5))
 
+        # Each label set's series, looked up once: `labels()` takes a lock and builds its key every call.
+        self._answered: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = {}
+        self._tokens: dict[tuple[str, str], tuple[Counter, Counter]] = {}
+
     def observe(self, task: str, adapter: str, route: str, status: int, seconds: float,
                 usage: dict | None, code: str | None = None) -> None:
-        self.requests.labels(task, adapter, route, str(status)).inc()
-        self.latency.labels(task, adapter).observe(seconds)
+        key = (task, adapter, route, status)
+        if key not in self._answered:
+            self._answered[key] = (self.requests.labels(task, adapter, route, str(status)),
+                                   self.latency.labels(task, adapter))
+        requests, latency = self._answered[key]
+        requests.inc()
+        latency.observe(seconds)
         if code is not None:
             self.errors.labels(task, adapter, code).inc()
         if usage:
-            self.tokens.labels(task, adapter, "prompt").inc(usage.get("prompt_tokens") or 0)
-            self.tokens.labels(task, adapter, "completion").inc(usage.get("completion_tokens") or 0)
+            if (task, adapter) not in self._tokens:
+                self._tokens[task, adapter] = (self.tokens.labels(task, adapter, "prompt"),
+                                               self.tokens.labels(task, adapter, "completion"))
+            prompt, completion = self._tokens[task, adapter]
+            prompt.inc(usage.get("prompt_tokens") or 0)
+            completion.inc(usage.get("completion_tokens") or 0)
 
     def observe_learned(self, route: str, score: float | None) -> None:
         """Label cardinality stays at two: the route is 'learned' or 'default'."""

@@ -16,6 +16,7 @@ import json
 import time
 from dataclasses import dataclass
 
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from mtft.registry import render_prompt
@@ -76,8 +77,8 @@ class Exchange:
 def parse(raw: bytes, path: str, task_header: str | None) -> tuple[CompletionBody | ChatBody, RouteRequest]:
     """The validated body and what routing looks at (400 for bad JSON or fields)."""
     try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than the parser goes
+        data = orjson.loads(raw)  # a few times faster than json's on a request; nesting past 1024 is an error
+    except orjson.JSONDecodeError as exc:
         raise APIError(400, f"request body is not JSON: {exc}", "invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_json")
