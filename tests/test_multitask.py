@@ -19,7 +19,7 @@ from mtft.train import RunOptions, SpecError, load_spec, train_one_pass, train_s
 from mtft.train.tasklora import TaskLoRA, peft_init
 
 from conftest import tiny_spec
-from test_train import adapter_weights, cli, kill_after_rows
+from test_train import adapter_weights, cli, kill_at_random_step
 
 
 def _lora_init(model, rank=8, modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -210,21 +210,21 @@ def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
     command = [sys.executable, "-m", "mtft.train.cli", "shared", "--config", str(spec_path),
                "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    kill_after_rows(command, metrics, rows=20, total=200)
+    kill = kill_at_random_step(command, metrics, total=200)
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "shared: resuming at step" in result.stderr
+    assert result.returncode == 0, f"{kill}: {result.stderr}"
+    assert "shared: resuming at step" in result.stderr, kill
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if '"loss"' in x]
-    assert [r["step"] for r in rows] == list(range(1, 201))
+    assert [r["step"] for r in rows] == list(range(1, 201)), kill
 
     reference = RunOptions(output=tmp_path / "ref", registry=tmp_path / "ref-reg")
     train_shared(load_spec(spec_path), reference)
     ref_rows = [json.loads(x) for x in (reference.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
-    assert [r["seen"] for r in rows] == [r["seen"] for r in ref_rows]  # the same mixed batches
+    assert [r["seen"] for r in rows] == [r["seen"] for r in ref_rows], f"{kill}: other mixed batches"
     assert len({json.dumps(r["mix"]) for r in rows}) > 1, "dynamic mixing never re-weighted"
     for task in ("yesno", "echo"):
         resumed, straight = adapter_weights(tmp_path / "reg", task), adapter_weights(reference.registry, task)
-        assert all((resumed[k] == straight[k]).all() for k in straight)
+        assert all((resumed[k] == straight[k]).all() for k in straight), f"{kill}: {task}'s adapters differ"
 
     changed = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "uniform"}}, max_steps=100,
                          checkpoint_every=1, eval_every=None)

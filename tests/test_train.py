@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import random
 import re
 import signal
 import subprocess
@@ -83,30 +85,44 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(tmp_path, tiny
     command = [sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(spec_path), "--task", "yesno",
                "--registry", str(tmp_path / "reg"), "--output", str(tmp_path / "run")]
     metrics = tmp_path / "run" / "metrics.jsonl"
-    kill_after_rows(command, metrics, rows=20, total=300)
-    assert not Registry(tmp_path / "reg").versions("yesno"), "a killed run published an adapter"
+    kill = kill_at_random_step(command, metrics, total=300)
+    assert not Registry(tmp_path / "reg").versions("yesno"), f"a killed run published an adapter ({kill})"
 
     result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert "resuming at step" in result.stderr
+    assert result.returncode == 0, f"{kill}: {result.stderr}"
+    assert "resuming at step" in result.stderr, kill
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if "loss" in x]
-    assert [r["step"] for r in rows] == list(range(1, 301))
+    assert [r["step"] for r in rows] == list(range(1, 301)), kill
 
     reference = RunOptions(output=tmp_path / "ref", registry=tmp_path / "ref-reg", tasks=["yesno"])
     train_adapters(load_spec(spec_path), reference)
     resumed, straight = adapter_weights(tmp_path / "reg", "yesno"), adapter_weights(reference.registry, "yesno")
-    assert all((resumed[k] == straight[k]).all() for k in straight)
+    assert all((resumed[k] == straight[k]).all() for k in straight), f"{kill}: the adapters differ"
 
 
-def kill_after_rows(command: list[str], metrics: Path, rows: int, total: int) -> None:
-    """Start a training command and SIGKILL it once `metrics` has `rows` lines."""
+def kill_at_random_step(command: list[str], metrics: Path, total: int) -> str:
+    """Start a training run of `total` steps and SIGKILL it once it has logged a step drawn at random.
+
+    The draw stops at two thirds, so the kill lands mid-way however fast steps are, and the killed
+    run and its resume together take one run's time whatever is drawn. Returns what to put in
+    assertion messages: the drawn step, the last one logged, and how to rerun with that draw."""
+    drawn = int(os.environ.get("MTFT_KILL_STEP") or random.randint(2, total * 2 // 3))
+    started = time.time()
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < rows):
-        time.sleep(0.05)
+    while time.time() < started + 300 and proc.poll() is None and logged_steps(metrics) < drawn:
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert rows <= len(metrics.read_text().splitlines()) < total, "the run was not killed mid-way"
+    reached = logged_steps(metrics)
+    kill = (f"killed after step {reached} of {total} ({time.time() - started:.0f} s), drawn {drawn}: "
+            f"rerun with MTFT_KILL_STEP={drawn}")
+    assert drawn <= reached < total, f"the run was not killed mid-way ({kill})"
+    return kill
+
+
+def logged_steps(metrics: Path) -> int:
+    """Step rows in a run log (they carry a loss; the final evaluation rows do not)."""
+    return sum('"loss"' in row for row in metrics.read_text().splitlines()) if metrics.exists() else 0
 
 
 def test_retraining_publishes_the_next_version(trained, tmp_path):
