@@ -347,7 +347,9 @@ def test_fused_entry_point_equals_vllm_on_adapter_rows_and_the_grouped_ops_every
 
 def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrapper):
     # vLLM loads an adapter by writing it into its slot tensors in place (set_lora): the fused
-    # copies must not serve the old weights afterwards.
+    # copies must not serve the old weights afterwards, even in a step with the same batch, which
+    # vLLM does not announce (a reload in place leaves mapping and slot layout, so update_metadata
+    # is skipped).
     width_in, output_slices = LAYERS["q/k/v"]
     lora_a, lora_b = layer_weights(4, width_in, output_slices, torch.float32, seed=5)
     x, before = torch.randn(6, width_in), torch.zeros(6, sum(output_slices))
@@ -360,6 +362,24 @@ def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrap
     reference = add_lora_linear(vllm_plugin.GROUPED, wrapper, before, x, lora_a, lora_b, output_slices)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, reference)
+
+
+def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper):
+    # The fused path works out a step's plan once for all its layers: every new batch vLLM sets
+    # (update_metadata) must get its own, also one as long as the last, and the grouped ops agree.
+    width_in, output_slices = LAYERS["gate/up"]
+    lora_a, lora_b = layer_weights(8, width_in, output_slices, torch.float32, seed=7)
+    x, before = torch.randn(8, width_in), torch.randn(8, sum(output_slices))
+    steps = [([1] * 8, True), ([1] * 8, False), ([2, 0, 3, 3, 1, 0, 8, 2], False), ([5] * 8, False),
+             ([0] * 8, False), ([5] * 8, True), ([5] * 5, False), ([4, 4, 5, 5, 6], False)]
+    for i, (token_ids, is_prefill) in enumerate(steps):
+        if i == 4:  # between steps, a new adapter in slot 4 (id 5), which the next steps use
+            lora_a[0][4].copy_(torch.randn_like(lora_a[0][4]))
+        set_batch(wrapper, token_ids, 8, is_prefill)
+        rows = len(token_ids)
+        fused_out = add_lora_linear(vllm_plugin.FUSED, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
+        grouped = add_lora_linear(vllm_plugin.GROUPED, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
+        torch.testing.assert_close(fused_out, grouped, msg=f"step {i}: {token_ids}")
 
 
 @pytest.mark.parametrize("value,mode", [(None, "fused"), ("1", "fused"), ("fused", "fused"), ("grouped", "grouped")])

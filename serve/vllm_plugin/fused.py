@@ -84,7 +84,7 @@ class Plan:
 def plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan | None:
     """The fused plan for segments of (slot, length), -1 meaning no adapter; None where the
     fused path does not fit (too many rows or too wide a spread of slots). Cached on the segment
-    contents: every layer of a step asks for the same plan."""
+    contents: consecutive decode steps mostly repeat a batch's make-up."""
     rows = sum(lengths)
     used = sorted({slot for slot, length in zip(slots, lengths) if slot >= 0 and length > 0})
     if not used:
