@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from mtft.train.mixing import DynamicMixing, TaskSampler, chi_square_p, task_probabilities
+from mtft.train.multitask import LOW_SHARE
 from mtft.train.spec import MixingSpec
 
 SIZES = {"a": 1000, "b": 100, "c": 10}
@@ -67,6 +68,19 @@ def test_sqrt_is_temperature_two():
     assert task_probabilities(MixingSpec(strategy="sqrt"), SIZES) == pytest.approx(
         task_probabilities(MixingSpec(strategy="temperature", temperature=2), SIZES)
     )
+
+
+def test_the_default_mixing_keeps_a_small_task_above_the_starvation_warning_where_sqrt_does_not():
+    """Temperature 5: at the sizes a user met (1k, 10k and 29k examples) the small task still gets
+    over LOW_SHARE of the examples its own run would see; proportional and sqrt starve it."""
+    sizes = {"small": 1_000, "mid": 10_000, "large": 29_000}
+
+    def share(mixing: MixingSpec, task: str = "small") -> float:  # of an equal-compute run: 1/N in its own run
+        return task_probabilities(mixing, sizes)[task] * len(sizes)
+
+    assert MixingSpec() == MixingSpec(strategy="temperature", temperature=5)
+    assert share(MixingSpec()) > LOW_SHARE > share(MixingSpec(strategy="sqrt")) > share(MixingSpec(strategy="proportional"))
+    assert share(MixingSpec(), "mid") >= 1 and share(MixingSpec(), "large") >= 1  # the large tasks give up nothing
 
 
 def test_capped_counts_no_task_above_the_cap_and_a_high_cap_is_proportional():

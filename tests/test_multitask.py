@@ -145,7 +145,7 @@ def test_shared_training_logs_per_task_curves_counts_mixing_and_weights(shared_r
         assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, f"{task}: loss did not go down"
     last = steps[-1]
     assert sum(last["seen"].values()) == 24 * 4  # max_steps × tasks steps of batch_size examples, all counted
-    assert last["mix"] == pytest.approx({"yesno": 0.5, "echo": 0.5})  # proportional on equal sizes
+    assert last["mix"] == pytest.approx({"yesno": 0.5, "echo": 0.5})  # the default mixing on equal sizes
     assert last["loss_weights"] == {"yesno": 1.0, "echo": 1.0}
     evals = [r for r in rows if "eval" in r and "loss" in r]
     assert [r["step"] for r in evals] == [8, 16] and all(set(r["eval"]) == {"yesno", "echo"} for r in evals)
@@ -156,6 +156,7 @@ def test_proportional_mixing_in_training_matches_the_task_sizes(tiny_base, tmp_p
     """Realised per-task counts over a run follow P ∝ size (chi-square), with sizes 3:1."""
     spec_path = tiny_spec(tmp_path, tiny_base, max_steps=30, eval_every=None, batch_size=8)
     spec = load_spec(spec_path)
+    spec.multitask.mixing.strategy = "proportional"
     spec.tasks[1].limits.train_examples = 12  # echo: 12 train examples vs yesno's 36
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg")
     train_shared(spec, options)

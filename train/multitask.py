@@ -46,8 +46,9 @@ def train_shared(spec: Spec, options: RunOptions) -> list[TaskResult]:
         seen = plan.sampler.counts[task.name]
         own = total_steps(len(plan.items[task.name]), t) * t.batch_size * t.grad_accum  # its own run's examples
         if seen < LOW_SHARE * own:
-            log.warning("%s trained on %d examples, %.0f%% of the %d its own adapter would see: expect it to "
-                        "fall behind its per-task adapter; give it more weight (multitask.mixing) or more steps",
+            log.warning("%s trained on %d examples, %.0f%% of the %d its own adapter would see: it may "
+                        "fall behind its per-task adapter (the table compares them where the registry has one); "
+                        "give it more weight (multitask.mixing) or more steps",
                         task.name, seen, 100 * seen / own, own)
         separate = per_task_adapter(session.registry, task.name, session.base_ref,
                                     eval_hash(session.checked.data[task.name].eval))
