@@ -36,7 +36,7 @@ bench: venv
 	$(BIN)/mtft-train prepare-base smollm2-135m
 	$(BIN)/python bench/report.py
 
-# Real data (SST-2, GSM8K, SciTLDR; never copied here): base vs per-task adapters vs shared, ~1 h on 2 cores.
+# Real data (SST-2, GSM8K, SciTLDR; never copied here): base vs per-task adapters vs shared per mixing, ~1 h on 2 cores.
 DATA ?= ../shared/data
 bench-real: venv
 	$(BIN)/mtft-train prepare-base smollm2-135m
