@@ -120,6 +120,24 @@ def test_a_packed_forward_gives_each_example_the_loss_and_gradients_it_has_alone
     assert (answer_loss(model, leaky, per_example=True) - losses["alone"]).abs().max() > 1e-3
 
 
+def test_the_lm_head_runs_on_answer_tokens_only_even_in_packed_rows(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    from mtft.train.batches import pack
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    items = _items([(12, 3), (7, 2), (20, 6), (9, 1), (5, 5), (16, 4)])
+    seen = []
+    model.get_output_embeddings().register_forward_hook(lambda _, args, out: seen.append(args[0].shape[:-1].numel()))
+    for layout in (None, pack([len(t.input_ids) for t in items], capacity=32)):
+        batch = collate(items, 0, layout)
+        answer_loss(model, batch)
+        # Each answer token is predicted from the position before it; the head sees those alone,
+        # not every column where some row has an answer (in packed rows, nearly all of them).
+        targets = batch["labels"][:, 1:] != IGNORE
+        assert seen.pop() == int(targets.sum()) < int(targets.any(dim=0).sum()) * len(targets)
+
+
 @pytest.mark.parametrize("recipe", ["one-pass", "shared"])
 def test_packing_trains_the_same_adapters_in_every_recipe(tiny_base, tmp_path, recipe):
     from safetensors.torch import load_file

@@ -228,25 +228,33 @@ def answer_loss(model, batch: dict[str, torch.Tensor], per_example: bool = False
     """Each example's summed next-token loss over its answer tokens (their mean, if `per_example`).
 
     The one loss every plan trains on, per example in the order the batch was collated from,
-    packed or not. The LM head runs only at positions where some row predicts an answer token:
-    prompt tokens carry no loss, and their vocabulary-wide logits are most of the compute of a
-    short-answer task (SmolLM2's head is 576 × 49,152).
+    packed or not. The LM head runs only on the answer tokens' positions: prompt tokens carry no
+    loss, and their vocabulary-wide logits are most of the compute of a short-answer task
+    (SmolLM2's head is 576 x 49,152). `logits_to_keep` narrows the model's own forward to the
+    columns where some row has an answer; a pre-hook on the head then takes exactly the answer
+    positions of those columns, which matters most for packed rows, whose answers are spread over
+    nearly every column. The model's own post-processing of logits (scaling, soft-capping) is
+    elementwise, so it still applies.
     """
     targets = batch["labels"][:, 1:]
     keep = (targets != IGNORE).any(dim=0).nonzero().flatten()
+    kept = targets[:, keep]
+    valid = kept != IGNORE
     layout = {"position_ids": batch["position_ids"]} if "position_ids" in batch else {
         "attention_mask": batch["attention_mask"]}
-    # use_cache=False: transformers builds the packed (block-diagonal) mask only without a KV cache.
-    logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **layout).logits
-    kept = targets[:, keep]
-    per_token = F.cross_entropy(logits.flatten(0, 1).float(), kept.flatten(), ignore_index=IGNORE,
-                                reduction="none").view(kept.shape)
-    valid = kept != IGNORE
+    hook = model.get_output_embeddings().register_forward_pre_hook(
+        lambda _, args: (args[0][valid].unsqueeze(0), *args[1:]))
+    try:
+        # use_cache=False: transformers builds the packed (block-diagonal) mask only without a KV cache.
+        logits = model(input_ids=batch["input_ids"], logits_to_keep=keep, use_cache=False, **layout).logits
+    finally:
+        hook.remove()
+    per_token = F.cross_entropy(logits[0].float(), kept[valid], reduction="none")
     owner = batch["example"][:, 1:][:, keep][valid]
     count = int(batch["example"].max()) + 1
-    sums = per_token.new_zeros(count).index_add(0, owner, per_token[valid])
+    sums = per_token.new_zeros(count).index_add(0, owner, per_token)
     if per_example:
-        sums = sums / per_token.new_zeros(count).index_add(0, owner, torch.ones_like(per_token[valid])).clamp(min=1)
+        sums = sums / per_token.new_zeros(count).index_add(0, owner, torch.ones_like(per_token)).clamp(min=1)
     return sums
 
 
