@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/lora_throughput.py                  # both models (make bench)
     .venv/bin/python bench/lora_throughput.py --models tiny    # the tiny random Llama only
+    .venv/bin/python bench/lora_throughput.py --models smollm2-135m --profile   # the profile only
 
 One table: traffic (base model, 1 adapter, 3 and 8 adapters round robin) x phase (decode-heavy:
 a short prompt and 64 new tokens; prefill-heavy: 450-token prompts and 4 new tokens) x plugin
@@ -16,6 +17,12 @@ Fair side by side: one offline engine per model, run in this process
 (`vllm_plugin.patch(mode)` / `restore()`) against the same engine, weights and KV cache; cells
 alternate between the modes. Prefix caching is off and every prompt is new, so each cell does its prefill.
 On a shared machine the numbers move with the load: the load average is printed with the table.
+
+Then a profile of decode steps on the last model (section B1-decode-profile): base traffic, one
+adapter with vLLM's ops and with the fused path, and eight adapters, each split by hooks into
+the model forward's parts (base GEMMs, the LoRA delta, attention, norms, ...), the LM head, the
+LoRA metadata and what runs outside the forward, in ms per step and as differences to base: where
+an adapter's extra milliseconds go.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ def measure(llm, phase: Phase, adapters: int, loras: list, requests: int, vocab:
 
 
 def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: int,
-                phases: list[str], traffic: list[str]) -> list[tuple]:
+                phases: list[str], traffic: list[str], profile: bool = False) -> list:
     from transformers import AutoConfig
     from vllm import LLM
     from vllm.lora.request import LoRARequest
@@ -141,6 +148,8 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
     for mode in MODES:  # loads all 8 adapters into their slots (and the fused path's copies)
         switch(mode)
         measure(llm, warm, ADAPTERS, loras, 2 * ADAPTERS, vocab, rng)
+    if profile:
+        return profile_decode(llm, loras, requests["decode"], vocab, rng)
     rows = []
     for phase in [p for p in PHASES if p.name in phases]:
         best: dict[tuple[str, str], float] = {}
@@ -158,6 +167,127 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
     return rows
 
 
+# -- where the milliseconds of a decode step go (--profile) -----------------------------------
+# (traffic, plugin mode) cells profiled: base, vLLM's own ops and the fused path with 1 adapter, 8 adapters.
+PROFILED = (("base", "fused"), ("1 adapter", "off"), ("1 adapter", "fused"), ("8 adapters", "fused"))
+# Module kinds timed by hooks, by class name; every LoRA linear layer is one kind of its own.
+MODULE_KINDS = {"Attention": "attention", "RMSNorm": "norms", "SiluAndMul": "activation",
+                "VocabParallelEmbedding": "embedding", "VocabParallelEmbeddingWithLoRA": "embedding",
+                "LogitsProcessor": "logits (LM head)", "LogitsProcessorWithLoRA": "logits (LM head)"}
+LINEAR = "linear layers (base GEMM)"
+# PunicaWrapperCPU entry points timed, and what they are called in the table.
+PUNICA = {"add_lora_linear": "LoRA delta (add_lora_linear)", "update_metadata": "LoRA metadata (per step)",
+          "add_lora_logits": "LoRA on the LM head", "add_lora_embedding": "LoRA on the embedding"}
+FORWARD, STEP, OUTSIDE = "model forward", "whole step", "outside the forward (scheduler, inputs, sampler, outputs)"
+
+
+class StepClock:
+    """Wall time per module kind and per punica entry point, summed over the steps of one cell.
+
+    Forward hooks time each module of a kind (not re-entrant, so one start per module); the LoRA
+    linear layers' own time is theirs minus the `add_lora_linear` call inside them, which is
+    timed on the wrapper instance. The hooks cost a few microseconds per module, the same in
+    every cell.
+    """
+
+    def __init__(self, model) -> None:
+        from vllm.lora.layers.base_linear import BaseLinearLayerWithLoRA
+
+        self.seconds: dict[str, float] = {}
+        self.forwards = 0
+        self._started: dict[int, float] = {}
+        self.punica = None
+        for module in model.modules():
+            kind = LINEAR if isinstance(module, BaseLinearLayerWithLoRA) else MODULE_KINDS.get(type(module).__name__)
+            if module is model:
+                kind = FORWARD
+            if kind:
+                module.register_forward_pre_hook(self._start)
+                module.register_forward_hook(lambda m, args, out, kind=kind: self._stop(m, kind))
+            self.punica = self.punica or getattr(module, "punica_wrapper", None)
+
+    def _start(self, module, args) -> None:
+        self._started[id(module)] = time.perf_counter()
+
+    def _stop(self, module, kind: str) -> None:
+        self.seconds[kind] = self.seconds.get(kind, 0.0) + time.perf_counter() - self._started.pop(id(module))
+        self.forwards += kind == FORWARD
+
+    def time_punica(self) -> None:
+        """Time the wrapper's entry points as now installed (call after switching the plugin mode)."""
+        for name, kind in PUNICA.items():
+            method = getattr(type(self.punica), name).__get__(self.punica)
+
+            def timed(*args, _method=method, _kind=kind, **kwargs):
+                began = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    self.seconds[_kind] = self.seconds.get(_kind, 0.0) + time.perf_counter() - began
+            setattr(self.punica, name, timed)
+
+    def untime_punica(self) -> None:
+        for name in PUNICA:
+            self.punica.__dict__.pop(name, None)
+
+    def reset(self) -> None:
+        self.seconds, self.forwards = {}, 0
+
+    def per_step(self, wall_s: float) -> dict[str, float]:
+        """ms per model step: the linear layers without their LoRA call, and what is outside the forward."""
+        s, steps = dict(self.seconds), max(self.forwards, 1)
+        s[LINEAR] = s.get(LINEAR, 0.0) - s.get(PUNICA["add_lora_linear"], 0.0)
+        s[STEP] = wall_s
+        s[OUTSIDE] = wall_s - s.get(FORWARD, 0.0) - s.get("logits (LM head)", 0.0)
+        return {k: 1000 * v / steps for k, v in s.items()}
+
+
+def profile_decode(llm, loras: list, requests: int, vocab: int, rng: random.Random) -> list[dict]:
+    """One decode-heavy cell per PROFILED entry, timed by where its milliseconds go."""
+    from mtft.serve import vllm_plugin
+
+    [model] = llm.apply_model(lambda model: model)  # in this process (no engine multiprocessing)
+    clock = StepClock(model)
+    if clock.punica is None:
+        raise SystemExit("no LoRA layer in the model: nothing to profile")
+    cells = []
+    for traffic, mode in PROFILED:
+        vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+        clock.time_punica()
+        measure(llm, Phase("warm-up", 16, 4, False), TRAFFIC[traffic], loras, requests, vocab, rng)
+        clock.reset()
+        began = time.perf_counter()
+        rate = measure(llm, PHASES[0], TRAFFIC[traffic], loras, requests, vocab, rng)
+        cells.append({"traffic": traffic, "plugin": mode, "tokens_per_s": rate, "steps": clock.forwards,
+                      "ms_per_step": clock.per_step(time.perf_counter() - began)})
+        clock.untime_punica()
+        print(f"profile {traffic} {mode}: {rate:,.0f} tok/s, {cells[-1]['ms_per_step'][STEP]:.0f} ms/step", flush=True)
+    vllm_plugin.patch()
+    return cells
+
+
+def profile_table(cells: list[dict]) -> str:
+    """Rows: where the time goes; columns: the cells, then each adapter cell's difference to base."""
+    order = [STEP, FORWARD, LINEAR, PUNICA["add_lora_linear"], "attention", "norms", "activation", "embedding",
+             "logits (LM head)", PUNICA["add_lora_logits"], PUNICA["add_lora_embedding"], PUNICA["update_metadata"],
+             OUTSIDE]
+    base = cells[0]["ms_per_step"]
+    heads = [f"{c['traffic']}, {c['plugin']}" for c in cells]
+    lines = ["| ms per decode step | " + " | ".join(heads) + " | "
+             + " | ".join(f"{h} - base" for h in heads[1:]) + " |",
+             "|---|" + "---:|" * (2 * len(cells) - 1)]
+    for key in order:
+        values = [c["ms_per_step"].get(key, 0.0) for c in cells]
+        if not any(values):
+            continue
+        nested = key not in (STEP, FORWARD, OUTSIDE, "logits (LM head)", PUNICA["update_metadata"])
+        lines.append(f"| {'&nbsp;&nbsp;' * nested}{key} | " + " | ".join(f"{v:.1f}" for v in values) + " | "
+                     + " | ".join(f"{v - base.get(key, 0.0):+.1f}" for v in values[1:]) + " |")
+    lines.append("| tokens/s | " + " | ".join(f"{c['tokens_per_s']:,.0f}" for c in cells) + " | "
+                 + " | ".join(f"{c['tokens_per_s'] / cells[0]['tokens_per_s']:.2f}x" for c in cells[1:]) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated: tiny, smollm2-135m")
@@ -166,6 +296,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per cell")
     parser.add_argument("--phases", default="decode,prefill", help="comma-separated subset of decode, prefill")
     parser.add_argument("--traffic", default=",".join(TRAFFIC), help=f"comma-separated subset of {', '.join(TRAFFIC)}")
+    parser.add_argument("--profile", action="store_true",
+                        help="only the profile: where each ms of a decode step goes (section B1-decode-profile)")
+    parser.add_argument("--no-profile", action="store_true", help="only the table")
     parser.add_argument("--rows-out", type=Path, help=argparse.SUPPRESS)  # one model's rows, for main
     args = parser.parse_args()
     models = {"tiny": Model("tiny", "float32", 512), "smollm2-135m": Model("smollm2-135m", "bfloat16", 1024)}
@@ -175,6 +308,8 @@ def main() -> None:
             parser.error(f"unknown --{option} {sorted(unknown)}; valid: {', '.join(valid)}")
 
     names = args.models.split(",")
+    if args.profile:
+        return profile(models[names[-1]], args.decode_requests)
     load_before = os.getloadavg()
     rows = []
     if len(names) == 1:
@@ -214,6 +349,25 @@ def main() -> None:
                        "off: vLLM's own CPU LoRA ops; grouped: mtft's grouped ops (the plugin before fusing); "
                        "fused: one shrink and one expand per layer for small batches (the default)",
                        "targets (issue 13): decode >= 0.85 with 1 adapter, >= 0.8 with 8; prefill >= 0.85"])
+    if not args.no_profile:  # its own engine, so its own process; the last model named
+        subprocess.run([sys.executable, __file__, "--models", names[-1], "--profile",
+                        "--decode-requests", str(args.decode_requests)], check=True)
+
+
+def profile(model: Model, requests: int) -> None:
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="mtft-bench-") as scratch:
+        cells = bench_model(model, Path(scratch), {"decode": requests}, 1, ["decode"], [], profile=True)
+    load = f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)"
+    table = profile_table(cells)
+    setup = (f"{model.name} ({model.dtype}), decode-heavy: {requests} requests x {PHASES[0].new_tokens} new tokens, "
+             f"rank {RANK}, {ADAPTERS} slots; ms per model step averaged over the cell's steps "
+             f"({cells[0]['steps']} in the base cell, the first a prefill)")
+    print(f"\nWhere a decode step's time goes, {setup}\n{load}\n\n{table}")
+    report.save("B1-decode-profile", "Where the milliseconds of a decode step go (base vs adapters)", table, cells,
+                notes=[setup, load, "indented rows are inside the model forward; 'linear layers (base GEMM)' is "
+                       "the LoRA linear layers' time without their add_lora_linear call",
+                       "the logits (LM head) run after the forward, on the last token of each request"])
 
 
 def _row_order(row) -> tuple:
