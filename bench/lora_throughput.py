@@ -42,6 +42,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 import report  # noqa: E402  (bench/report.py: the make bench report)
 
+from mtft.serve.plan import vllm_dtype  # noqa: E402  (the dtype mtft-serve gives vLLM)
+
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the worker shares this process: see above
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -299,9 +301,12 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true",
                         help="only the profile: where each ms of a decode step goes (section B1-decode-profile)")
     parser.add_argument("--no-profile", action="store_true", help="only the table")
+    parser.add_argument("--dtype", default="auto", help="SmolLM2's dtype; auto: what mtft-serve runs (float32 "
+                        "where the CPU has no native bf16)")
     parser.add_argument("--rows-out", type=Path, help=argparse.SUPPRESS)  # one model's rows, for main
     args = parser.parse_args()
-    models = {"tiny": Model("tiny", "float32", 512), "smollm2-135m": Model("smollm2-135m", "bfloat16", 1024)}
+    dtype = args.dtype if args.dtype != "auto" else vllm_dtype("auto")[0]
+    models = {"tiny": Model("tiny", "float32", 512), "smollm2-135m": Model("smollm2-135m", dtype, 1024)}
     for option, valid in (("models", models), ("phases", [p.name for p in PHASES]), ("traffic", TRAFFIC)):
         unknown = set(getattr(args, option).split(",")) - set(valid)
         if unknown:
@@ -327,7 +332,7 @@ def main() -> None:
                 argv = [sys.executable, __file__, "--models", name, "--rows-out", out.name,
                         "--decode-requests", str(args.decode_requests),
                         "--prefill-requests", str(args.prefill_requests), "--repeats", str(args.repeats),
-                        "--phases", args.phases, "--traffic", args.traffic]
+                        "--phases", args.phases, "--traffic", args.traffic, "--dtype", args.dtype]
                 subprocess.run(argv, check=True)
                 rows += [tuple(row) for row in json.loads(Path(out.name).read_text())]
     load_after = os.getloadavg()
@@ -351,7 +356,7 @@ def main() -> None:
                        "targets (issue 13): decode >= 0.85 with 1 adapter, >= 0.8 with 8; prefill >= 0.85"])
     if not args.no_profile:  # its own engine, so its own process; the last model named
         subprocess.run([sys.executable, __file__, "--models", names[-1], "--profile",
-                        "--decode-requests", str(args.decode_requests)], check=True)
+                        "--decode-requests", str(args.decode_requests), "--dtype", args.dtype], check=True)
 
 
 def profile(model: Model, requests: int) -> None:

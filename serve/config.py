@@ -52,7 +52,8 @@ class ServeConfig(RouterOptions):
         description="VLLM_CPU_OMP_THREADS_BIND: 'auto' (one replica: vLLM picks, one core of 2 here; N replicas: "
         "the cores split evenly, one each on 2 cores with 2), a list like '0-3' (one per replica, ';' between: "
         "'0-3;4-7'), or 'nobind'. A worker runs one OpenMP thread per listed core.")
-    dtype: str = Field(default="auto", description="vLLM's --dtype")
+    dtype: str = Field(default="auto", description="vLLM's --dtype; auto: float32 on vLLM's CPU build where the CPU "
+                       "has no native bf16 (several times faster there), else vLLM's choice")
     max_model_len: int | None = Field(default=None, description="vLLM's --max-model-len; default: the model's")
     vllm_port: int | None = Field(default=None, description="loopback port of the first vLLM (the next replicas "
                                   "take the ports after it); default: free ones")

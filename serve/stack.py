@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from .config import ServeConfig
-from .plan import ServeError, cpu_binds, plan, router_config, vllm_command
+from .plan import ServeError, cpu_binds, plan, router_config, vllm_command, vllm_dtype
 from .zero import ZERO_ADAPTER, write_zero_adapter
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,9 @@ class Stack:
         return f"http://{host}:{self.config.port}"
 
     def _start_child(self, child: Child) -> None:
-        log.info("starting vLLM %d on %s (rank cap %d, %d slots, KV cache %g GiB, cpus %s)", child.index, child.url,
-                 self.plan.max_rank, self.plan.max_loras, self.config.kv_cache_gib, child.cpus)
+        log.info("starting vLLM %d on %s (rank cap %d, %d slots, KV cache %g GiB, cpus %s, dtype %s: %s)",
+                 child.index, child.url, self.plan.max_rank, self.plan.max_loras, self.config.kv_cache_gib, child.cpus,
+                 *vllm_dtype(self.config.dtype))
         child.process = self._spawn(child.argv, child.env, child.log_name)
         child.started = time.monotonic()
 

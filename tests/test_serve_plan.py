@@ -109,6 +109,22 @@ def test_the_zero_adapter_is_used_only_where_the_cpu_lora_ops_plugin_does_not_fi
     assert plan(ServeConfig(registry=options.registry, base_workaround=False)).zero_modules == []
 
 
+@pytest.mark.parametrize("native,setting,expected", [
+    (False, "auto", "float32"),     # AVX2: bf16 emulated, float32 decodes several times faster
+    (True, "auto", "auto"),         # AVX-512-bf16/AMX: vLLM's choice (the checkpoint's bf16)
+    (False, "bfloat16", "bfloat16"),  # what is asked for is what runs
+    (True, "float16", "float16"),
+])
+def test_vllm_runs_float32_where_the_cpu_would_emulate_bfloat16(trained, monkeypatch, native, setting, expected):
+    from mtft.serve.vllm_plugin import lora_ops
+
+    _, options, _ = trained
+    monkeypatch.setattr(lora_ops, "native_half", lambda: native)
+    config = ServeConfig(registry=options.registry, dtype=setting)
+    argv, _ = vllm_command(config, plan(config), 8001, None, "auto")
+    assert argv[argv.index("--dtype") + 1] == expected
+
+
 def test_the_router_config_passes_the_options_on_and_names_the_vllm_it_fronts(trained):
     from mtft.router import RouterConfig
 

@@ -110,9 +110,17 @@ def check_rows(new, vllm, before, segments, dtype, *, written_zero: bool, last_s
                                        **tolerance(dtype, last_slot_delta[unadapted]))
 
 
+@pytest.fixture(params=[True, False], ids=["native-bf16", "emulated-bf16"])
+def cpu_bf16(request, monkeypatch):
+    """Both of the grouped ops' large-batch paths, whichever this CPU has: bf16 matmuls where the
+    CPU computes them natively, fp32 where it emulates them."""
+    monkeypatch.setattr(lora_ops, "native_half", lambda: request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("dtypes", [FLOAT32, BF16, BF16_SHRINK], ids=["fp32", "bf16", "bf16->fp32"])
 @pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
-def test_shrink_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, dtypes):
+def test_shrink_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, dtypes, cpu_bf16):
     out_dtype, precision = dtypes[2], lowest_precision(dtypes)
     x, a, before = operands(segments, slots, hidden, rank, dtypes, seed)
     meta = segments_meta(segments)
@@ -132,7 +140,8 @@ def test_shrink_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank
 @pytest.mark.parametrize("dtypes", [FLOAT32, BF16, BF16_EXPAND], ids=["fp32", "bf16", "fp32->bf16"])
 @pytest.mark.parametrize("add_inputs", [True, False], ids=["accumulate", "overwrite"])
 @pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
-def test_expand_equals_vllm_and_leaves_no_adapter_rows_alone(segments, slots, rank, hidden, seed, add_inputs, dtypes):
+def test_expand_equals_vllm_and_leaves_no_adapter_rows_alone(segments, slots, rank, hidden, seed, add_inputs, dtypes,
+                                                              cpu_bf16):
     out_dtype, precision = dtypes[2], lowest_precision(dtypes)
     x, b, before = operands(segments, slots, rank, hidden, dtypes, seed)
     meta = segments_meta(segments)
@@ -157,6 +166,29 @@ def test_expand_equals_vllm_and_leaves_no_adapter_rows_alone(segments, slots, ra
         last = wide[:, columns] + delta if add_inputs else delta
         check_rows(new[:, columns], vllm[:, columns], wide[:, columns], segments, precision,
                    written_zero=not add_inputs, last_slot_delta=last)
+
+
+def test_prefill_matmuls_run_in_bf16_only_where_the_cpu_computes_bf16_natively(cpu_bf16):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+                self.seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    segments = [(0, 300), (1, 20)]  # a prefill: past the small-batch limit, long runs of one slot
+    x, a, buffer = operands(segments, 2, 64, 8, BF16_SHRINK, 0)
+    _, b, y = operands(segments, 2, 8, 64, BF16_EXPAND, 1)
+    with MatmulDtypes() as recorded:
+        lora_ops.sgmv_shrink(x, a, buffer, *segments_meta(segments), 1.0)
+        lora_ops.sgmv_expand(buffer, b, y, *segments_meta(segments), True)
+    # Emulated bf16 (AVX2) matmuls are many times slower than fp32 ones; native ones are faster.
+    assert recorded.seen == ({torch.bfloat16} if cpu_bf16 else {torch.float32})
 
 
 def test_expand_into_a_narrower_output_writes_the_common_columns_like_vllm():

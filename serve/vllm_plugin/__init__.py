@@ -4,9 +4,11 @@ Installed with mtft, it loads in every vLLM process through the `vllm.general_pl
 point `mtft_cpu_lora`; `MTFT_VLLM_CPU_LORA_OPS=0` turns it off, `=grouped` leaves out the fused layer path.
 """
 
+from .lora_ops import native_half
 from .plugin import (
-    ENV, FUSED, GROUPED, OFF, TESTED_VERSIONS, active_mode, applies, is_patched, patch, register, restore, vllm_ops,
+    ENV, FUSED, GROUPED, OFF, TESTED_VERSIONS, active_mode, applies, cpu_build_version, is_patched, patch, register,
+    restore, vllm_ops,
 )
 
-__all__ = ["ENV", "FUSED", "GROUPED", "OFF", "TESTED_VERSIONS", "active_mode", "applies", "is_patched", "patch",
-           "register", "restore", "vllm_ops"]
+__all__ = ["ENV", "FUSED", "GROUPED", "OFF", "TESTED_VERSIONS", "active_mode", "applies", "cpu_build_version",
+           "is_patched", "native_half", "patch", "register", "restore", "vllm_ops"]

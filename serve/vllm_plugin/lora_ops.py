@@ -10,9 +10,10 @@ Here tokens are grouped by slot. Long runs of one slot (prefill) are matmuls on 
 accumulate in place (`addmm_`); short scattered runs (decode) are gathered per slot, or, for
 small batches holding several adapters, multiplied against all slots at once. Rows with index
 -1 get exactly zero delta: left untouched when accumulating, written as zeros when not.
-Dtypes: where inputs and weights share a dtype the matmul runs in it (bf16 x bf16 accumulates
-in fp32 inside the kernel; only the rank-r product is rounded), else both are cast to the
-output's dtype as vLLM's ops do. Pure torch; nothing here imports vLLM.
+Dtypes: small batches multiply in fp32. Large ones, on a CPU with native bf16, multiply in the
+inputs' dtype where inputs and weights share it (bf16 x bf16 accumulates in fp32 inside the
+kernel; only the rank-r product is rounded), else in the output's dtype as vLLM's ops do;
+without native bf16 they multiply in fp32 too. Pure torch; nothing here imports vLLM.
 """
 
 from __future__ import annotations
@@ -100,13 +101,21 @@ def _operands(inputs: torch.Tensor, weights: torch.Tensor, output: torch.Tensor,
     Weights are cast per slot where used: casting all slots costs more than the matmul itself."""
     if weights.dim() == 4:  # (slots, 1, out, in), as the LoRA layers stack them
         weights = weights.squeeze(1)
-    if grouping.rows <= DENSE_MAX_ROWS:
+    if grouping.rows <= DENSE_MAX_ROWS or not native_half():
         # Small (decode) batches: CPU bf16 kernels are slower than fp32 at these shapes, and the
-        # casts are cheap; vLLM's shrink multiplies in fp32 too.
+        # casts are cheap; vLLM's shrink multiplies in fp32 too. Without native bf16 (AVX2 only)
+        # every bf16 matmul is emulated: a prefill's expand took 10.8 ms in bf16 per call.
         dtype = torch.promote_types(torch.promote_types(inputs.dtype, weights.dtype), torch.float32)
     else:
         dtype = inputs.dtype if inputs.dtype == weights.dtype else output.dtype
     return inputs.to(dtype), weights, dtype
+
+
+@functools.cache
+def native_half() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX-512-bf16 or AMX), where large bf16
+    matmuls beat fp32 ones."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def _multiply_into(target: torch.Tensor, inputs: torch.Tensor, rows: Rows, weight_t: torch.Tensor,
