@@ -104,6 +104,41 @@ def test_one_pass_adapters_equal_the_adapters_trained_alone(trained, tmp_path):
     assert all(set(r["tasks"]) == {"yesno", "echo"} for r in rows), "every step mixes both tasks"
 
 
+def test_a_task_with_its_own_budget_trains_its_own_steps_and_rate_alone_or_in_one_pass(tiny_base, tmp_path, caplog):
+    """`tasks[].training` gives one task more steps and another rate; one pass gives it the same."""
+    from mtft.train import train_adapters
+
+    path = tiny_spec(tmp_path, tiny_base, max_steps=4, eval_every=None)
+    raw = yaml.safe_load(path.read_text())
+    raw["tasks"][1]["training"] = {"max_steps": 7, "learning_rate": 2e-2}  # echo
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    spec = load_spec(path)
+    runs = {}
+    for name, trainer in (("alone", train_adapters), ("one-pass", train_one_pass)):
+        options = RunOptions(output=tmp_path / name, registry=tmp_path / f"{name}-reg")
+        trainer(spec, options)
+        rows = [json.loads(x) for x in (options.output / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+        runs[name] = options, rows
+    _, alone = runs["alone"]
+    steps = {t: [r["step"] for r in alone if r["task"] == t] for t in ("yesno", "echo")}
+    assert steps == {"yesno": [1, 2, 3, 4], "echo": [1, 2, 3, 4, 5, 6, 7]}
+    peak = {t: max(r["lr"] for r in alone if r["task"] == t) for t in ("yesno", "echo")}
+    assert peak["echo"] > 1e-2 > 5e-3 >= peak["yesno"]
+    # One pass: echo keeps stepping after yesno's 4 steps, and both adapters equal the ones trained alone.
+    one_pass_options, one_pass = runs["one-pass"]
+    assert [sorted(r["tasks"]) for r in one_pass] == [["echo", "yesno"]] * 4 + [["echo"]] * 3
+    for task in ("yesno", "echo"):
+        a = adapter_weights(runs["alone"][0].registry, task)
+        b = adapter_weights(one_pass_options.registry, task)
+        assert max((a[k] - b[k]).abs().max() for k in a) < 1e-4, task
+    # A shared adapter has one schedule for every task: it says so, and the task's own budget is not used.
+    with caplog.at_level("WARNING", logger="mtft.train.multitask"):
+        result = cli("shared", "--config", str(path), "--check", "--registry", str(tmp_path / "shared-reg"))
+    assert result.exit_code == 0
+    assert any("tasks ['echo'] set their own training" in r.getMessage() and "ignored here" in r.getMessage()
+               for r in caplog.records)
+
+
 @pytest.fixture
 def shared_run(shared_trained):
     return shared_trained

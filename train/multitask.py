@@ -69,6 +69,10 @@ def check_shared_run(spec: Spec, options: RunOptions) -> Checked:
     problems = check_shared(spec, [t.name for t in checked.tasks])
     if problems:
         raise SpecError(str(spec.source), problems)
+    if own := [t.name for t in checked.tasks if t.training is not None]:
+        log.warning("tasks %s set their own training (tasks[].training), which `mtft-train adapters` and --one-pass "
+                    "use; a shared adapter trains every task in one schedule from the top-level training, and a "
+                    "task's share of it is multitask.mixing: ignored here", own)
     return checked
 
 
@@ -83,7 +87,8 @@ def _lockstep_plan(session: Session, items: dict[str, list[Tokenized]], init: di
     lora_spec = session.spec.lora
     lora = TaskLoRA(session.model, list(items), init, lora_spec.rank, lora_spec.alpha, lora_spec.dropout,
                     shared=False)
-    return LockstepPlan(lora, items, session.spec.training)
+    return LockstepPlan(lora, items, session.spec.training,
+                        {t.name: session.spec.training_for(t) for t in session.tasks})
 
 
 def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained_by: str,

@@ -31,10 +31,12 @@ class _PerTask:
 
     per_example = False
 
-    def __init__(self, items: dict[str, list[Tokenized]], t: TrainingSpec):
+    def __init__(self, items: dict[str, list[Tokenized]], t: TrainingSpec, own: dict[str, TrainingSpec] | None = None):
+        """`own`: a task's training where it sets its own budget (`tasks[].training`), else `t`."""
         self.tasks, self.items, self.grad_accum = list(items), items, t.grad_accum
         self.streams = {n: BatchStream(v, t.batch_size, t.seed, t.batching == "length") for n, v in items.items()}
-        self.totals = {n: total_steps(len(v), t) for n, v in items.items()}
+        self.trainings = {n: (own or {}).get(n, t) for n in items}
+        self.totals = {n: total_steps(len(v), self.trainings[n]) for n, v in items.items()}
         self.total_steps = max(self.totals.values())
 
     def objective(self, losses, grouped, counts, first: bool) -> torch.Tensor:
@@ -97,12 +99,14 @@ class LockstepPlan(_PerTask):
 
     name = "one pass"
 
-    def __init__(self, lora: TaskLoRA, items: dict[str, list[Tokenized]], t: TrainingSpec):
-        super().__init__(items, t)
+    def __init__(self, lora: TaskLoRA, items: dict[str, list[Tokenized]], t: TrainingSpec,
+                 own: dict[str, TrainingSpec] | None = None):
+        super().__init__(items, t, own)
         self.lora, self.model = lora, lora.model
 
     def optimizers(self) -> dict[str, tuple[list[dict], int]]:
-        return {n: ([{"params": self.lora.parameters(n)}], self.totals[n]) for n in self.tasks}
+        return {n: ([{"params": self.lora.parameters(n), "lr": self.trainings[n].learning_rate}], self.totals[n])
+                for n in self.tasks}
 
     def draw(self, step: int) -> Draw:
         active = [n for n in self.tasks if step < self.totals[n]]

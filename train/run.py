@@ -28,7 +28,8 @@ def _train(session: Session, task: TaskSpec) -> None:
 
     torch.manual_seed(session.spec.training.seed)  # the same initial LoRA however many tasks ran before
     model = get_peft_model(session.model, session.lora_config())
-    plan = LoraPlan(task.name, session.tokenized(task), model, session.spec.training)
+    training = session.spec.training_for(task)
+    plan = LoraPlan(task.name, session.tokenized(task), model, training)
     # eval_every changes nothing learnt here: evaluations only watch the run.
     resumable = session.claim([task.name], session.config_hash(NOT_SHAPING | {"eval_every"},
                                                                task=task.model_dump(mode="json")))
@@ -36,7 +37,7 @@ def _train(session: Session, task: TaskSpec) -> None:
     def weights() -> dict[str, torch.Tensor]:
         return get_peft_model_state_dict(model)
 
-    setup = loop.Loop(session.spec.training, session.options.output / task.name / "checkpoint", log,
+    setup = loop.Loop(training, session.options.output / task.name / "checkpoint", log,
                       session.accelerator, session.pad_id,
                       lambda names, label: {task.name: session.score(model, task, label, weights)})
     loop.train(plan, setup, resumable)

@@ -70,6 +70,16 @@ class PublishSpec(Strict):
     gate: GateSpec | None = None
 
 
+class TaskTraining(Strict):
+    """One task's own budget, over the spec's `training`: tasks differ in how much they need (one
+    reaches its best in 30 steps, another needs 60). `mtft-train adapters` and `--one-pass` only:
+    each task has its own optimizer and schedule there; a shared adapter has one schedule for all."""
+
+    max_steps: int | None = Field(default=None, gt=0, description="this task's optimizer steps")
+    epochs: float | None = Field(default=None, gt=0, description="this task's epochs (used where max_steps is unset)")
+    learning_rate: float | None = Field(default=None, gt=0, description="this task's peak learning rate")
+
+
 class TaskSpec(Strict):
     name: str
     prefix: str = Field(description="routing prefix the prompt starts with, e.g. 'ticket: '")
@@ -80,6 +90,8 @@ class TaskSpec(Strict):
     max_new_tokens: int = Field(default=32, gt=0, le=2048)
     limits: Limits = Limits()
     publish: PublishSpec | None = Field(default=None, description="overrides the spec's top-level publish")
+    training: TaskTraining | None = Field(default=None, description="this task's max_steps, epochs or learning_rate "
+                                          "over the top-level training (adapters and --one-pass)")
 
     @field_validator("name")
     @classmethod
@@ -248,6 +260,13 @@ class Spec(Strict):
 
     def gate(self, task: TaskSpec) -> GateSpec | None:
         return (task.publish or self.publish).gate
+
+    def training_for(self, task: TaskSpec) -> TrainingSpec:
+        """The top-level training with the task's own budget over it."""
+        own = task.training.model_dump(exclude_none=True) if task.training else {}
+        if "max_steps" in own or "epochs" in own:  # the task's budget replaces the spec's whole
+            own = {"max_steps": None, "epochs": None} | own
+        return self.training.model_copy(update=own)
 
     def resolve(self, path: Path) -> Path:
         """Data paths are relative to the spec file, so a spec folder can move as a whole."""
