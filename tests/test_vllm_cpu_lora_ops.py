@@ -396,6 +396,34 @@ def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrap
     torch.testing.assert_close(second, reference)
 
 
+def test_the_lm_head_lora_is_skipped_only_while_no_slot_holds_head_weights(unpatched, wrapper, monkeypatch):
+    # vLLM runs the LM head's LoRA every step; with no adapter training the head its slots are
+    # zero, so the fused mode skips it (exactly the same logits), until a slot is written.
+    from mtft.serve.vllm_plugin import plugin
+
+    vocab, hidden, slots = 100, 16, 4
+    lora_a, lora_b = torch.randn(slots, 1, 8, hidden), torch.zeros(slots, 1, vocab, 8)
+    x, logits = torch.randn(6, hidden), torch.randn(6, vocab)
+    set_batch(wrapper, [2, 2, 3, 0, 2, 3], slots, is_prefill=False)
+    calls = []
+    vllm_logits = vllm_plugin.vllm_ops()[plugin.LOGITS]
+    monkeypatch.setitem(plugin._vllm_ops, plugin.LOGITS, lambda *a, **k: calls.append(1) or vllm_logits(*a, **k))
+
+    def head(mode: str) -> torch.Tensor:
+        vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+        y = logits.clone()
+        wrapper.add_lora_logits(y, x, lora_a, lora_b, 1.0)
+        return y
+
+    assert torch.equal(head(vllm_plugin.FUSED), logits) and not calls, "zero slots: skipped"
+    torch.testing.assert_close(head(vllm_plugin.OFF), logits)  # what vLLM computes: a zero delta
+    lora_b[2, 0].copy_(torch.randn(vocab, 8))  # an adapter with lm_head weights loads into slot 2
+    calls.clear()
+    fused, off = head(vllm_plugin.FUSED), head(vllm_plugin.OFF)
+    assert calls and not torch.allclose(fused, logits)
+    torch.testing.assert_close(fused, off)
+
+
 def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper):
     # The fused path works out a step's plan once for all its layers: every new batch vLLM sets
     # (update_metadata) must get its own, also one as long as the last, and the grouped ops agree.

@@ -5,8 +5,8 @@ vLLM's CPU punica wrapper runs a layer's LoRA as a shrink and an expand per outp
 SmolLM2-135M, which is what kept adapter decode far below base speed. The slices of a layer
 share their input, so their A matrices stacked are one matrix and their B matrices placed
 block-diagonally are one too: `y[:, :sum(slices)] += (x @ A^T) @ B`. A batch holding several
-adapters multiplies against the consecutive slots it uses, and each row's rank block is masked
-to its own slot (all zero for rows without an adapter, so those get exactly zero delta).
+adapters groups its rows by slot and multiplies each group by its own slot's A and B in one
+batched matmul; rows without an adapter are in no group, so they get exactly zero delta.
 
 The stacked fp32 weights (`Stacked`) are built once per adapter load, not per step: vLLM writes
 adapters into its slot tensors in place, which bumps their version counters, and `stacked`
@@ -71,13 +71,25 @@ def stacked(cache: dict, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.T
 
 
 @dataclass(frozen=True)
+class Groups:
+    """A batch's rows laid out by slot for batched matmuls: row `ids[i]` is row `position[i]` of
+    slot `slot[i]`'s group (slots relative to the plan's `first`); groups are `depth` rows deep."""
+
+    ids: torch.Tensor
+    slot: torch.Tensor
+    position: torch.Tensor
+    depth: int
+    every_row: bool  # ids == arange(rows): no row without an adapter
+
+
+@dataclass(frozen=True)
 class Plan:
     """Which slots one batch multiplies against, and how each row picks its own."""
 
     rows: int
     first: int  # first slot used
     slots: int  # consecutive slots from `first`; 0: no row has an adapter
-    mask: torch.Tensor | None  # (rows, slots, 1) fp32, 1 at the row's slot; None: every row uses `first`
+    groups: Groups | None  # None: every row uses `first`
 
 
 @functools.lru_cache(maxsize=256)
@@ -94,26 +106,47 @@ def plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan | None:
     first, count = used[0], used[-1] - used[0] + 1
     if count == 1 and all(slot == first for slot, length in zip(slots, lengths) if length > 0):
         return Plan(rows, first, 1, None)
-    mask = torch.zeros(rows, count, 1)
+    ids, slot_of, position, depth = [], [], [], [0] * count
     for slot, length, end in zip(slots, lengths, accumulate(lengths)):
-        if slot >= 0 and length > 0:  # an empty segment may name a slot no row uses
-            mask[end - length : end, slot - first] = 1.0
-    return Plan(rows, first, count, mask)
+        if slot >= 0:  # an empty segment may name a slot no row uses
+            for row in range(end - length, end):
+                ids.append(row)
+                slot_of.append(slot - first)
+                position.append(depth[slot - first])
+                depth[slot - first] += 1
+    as_tensor = functools.partial(torch.tensor, dtype=torch.long)
+    groups = Groups(as_tensor(ids), as_tensor(slot_of), as_tensor(position), max(depth), ids == list(range(rows)))
+    return Plan(rows, first, count, groups)
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, batch: Plan, scale: float) -> None:
     """y[:rows, :width] += scale * (x[:rows] @ A_slot^T) @ B_slot, per row's slot; in place."""
     if batch.slots == 0:
         return
-    block = weights.block
+    block, width = weights.block, weights.width
     slot_rows = slice(batch.first * block, (batch.first + batch.slots) * block)
-    low = x[: batch.rows].float() @ weights.a[slot_rows].t()
-    if batch.mask is not None:
-        low.view(batch.rows, batch.slots, block).mul_(batch.mask)
+    target = y[: batch.rows, :width]
+    if batch.groups is None:  # one adapter for every row: two plain matmuls
+        low = x[: batch.rows].float() @ weights.a[slot_rows].t()
+        if scale != 1.0:
+            low.mul_(scale)
+        if target.dtype == low.dtype:
+            target.addmm_(low, weights.b[slot_rows])  # no product temporary
+        else:
+            target.add_(low @ weights.b[slot_rows])
+        return
+    # Several adapters (or rows without one): each slot's rows multiply its own A and B only, as
+    # one batched matmul over the slots; zero rows pad the shallower groups. Multiplying every row
+    # against every slot's B and masking cost the slots' count times the products.
+    g = batch.groups
+    grouped = x.new_zeros(batch.slots, g.depth, x.shape[1], dtype=torch.float32)
+    grouped[g.slot, g.position] = x[g.ids].float()
+    a = weights.a[slot_rows].view(batch.slots, block, -1).transpose(1, 2)
+    low = torch.bmm(grouped, a)
     if scale != 1.0:
         low.mul_(scale)
-    target = y[: batch.rows, : weights.width]
-    if target.dtype == low.dtype:
-        target.addmm_(low, weights.b[slot_rows])  # no product temporary
+    delta = torch.bmm(low, weights.b[slot_rows].view(batch.slots, block, width))[g.slot, g.position]
+    if g.every_row:
+        target.add_(delta)
     else:
-        target.add_(low @ weights.b[slot_rows])
+        target.index_add_(0, g.ids, delta.to(target.dtype))
