@@ -49,6 +49,7 @@ def main() -> None:
     spec.training.max_steps, spec.training.threads, spec.training.eval_every = args.steps, args.threads, None
     for task in spec.tasks:
         task.limits.eval_examples = args.eval_examples
+        task.training = None  # --steps for every task (the demo gives isodate more of its own)
     names = [t.name for t in spec.tasks]
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
