@@ -187,6 +187,12 @@ class Load(Background):
                 self.failures.append(exc)
             time.sleep(self.pause_s)
 
+    def until(self, count: int, timeout_s: float = 120.0) -> None:
+        """Wait until `count` answers or failures came back: the test's traffic, however slow the machine."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.answers) + len(self.failures) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+
 
 def stop_stack(stack: RunningStack) -> None:
     stack.process.send_signal(signal.SIGTERM)

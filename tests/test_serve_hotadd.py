@@ -29,6 +29,7 @@ def test_hot_added_task_goes_live_under_load_without_a_failed_or_misrouted_reque
         stack.publish_copy("echo", task="shout", prefix="shout: ")
         live_after = wait_until_served(client, "shout", "shout-v1")
         time.sleep(0.5)
+        load.until(21)
     print(f"publish-to-first-routed-answer: {time.monotonic() - started:.2f} s (poll 0.5 s; {live_after:.2f} s)")
     assert not load.failures
     assert len(load.answers) > 20
@@ -49,7 +50,7 @@ def test_new_version_replaces_the_old_without_a_failed_or_misrouted_request(clie
         swap = registry.latest()["swap"]
         registry.publish(registry.version_dir("echo", echo.version), swap)
         wait_until_served(client, "swap", "swap-v2")
-        time.sleep(0.5)
+        load.until(len(load.answers) + 8)  # past the 4 threads' requests in flight: some reach v2
     v2 = {job: answer(client, *job)[0] for job in jobs}
     assert v1 != v2
     assert not load.failures
