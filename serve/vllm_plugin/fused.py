@@ -72,12 +72,12 @@ def stacked(cache: dict, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.T
 
 @dataclass(frozen=True)
 class Groups:
-    """A batch's rows laid out by slot for batched matmuls: row `ids[i]` is row `position[i]` of
-    slot `slot[i]`'s group (slots relative to the plan's `first`); groups are `depth` rows deep."""
+    """A batch's rows laid out by slot for batched matmuls: row `ids[i]` goes to row `flat[i]` of
+    the (slots x depth) grouped rows, where slot s (relative to the plan's `first`) owns rows
+    [s * depth, (s + 1) * depth); shallower groups are padded with zero rows."""
 
     ids: torch.Tensor
-    slot: torch.Tensor
-    position: torch.Tensor
+    flat: torch.Tensor
     depth: int
     every_row: bool  # ids == arange(rows): no row without an adapter
 
@@ -114,9 +114,10 @@ def plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan | None:
                 slot_of.append(slot - first)
                 position.append(depth[slot - first])
                 depth[slot - first] += 1
+    deepest = max(depth)
+    flat = [s * deepest + p for s, p in zip(slot_of, position)]
     as_tensor = functools.partial(torch.tensor, dtype=torch.long)
-    groups = Groups(as_tensor(ids), as_tensor(slot_of), as_tensor(position), max(depth), ids == list(range(rows)))
-    return Plan(rows, first, count, groups)
+    return Plan(rows, first, count, Groups(as_tensor(ids), as_tensor(flat), deepest, ids == list(range(rows))))
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, batch: Plan, scale: float) -> None:
@@ -139,13 +140,14 @@ def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, batch: Plan,
     # one batched matmul over the slots; zero rows pad the shallower groups. Multiplying every row
     # against every slot's B and masking cost the slots' count times the products.
     g = batch.groups
-    grouped = x.new_zeros(batch.slots, g.depth, x.shape[1], dtype=torch.float32)
-    grouped[g.slot, g.position] = x[g.ids].float()
+    rows = x[: batch.rows] if g.every_row else x.index_select(0, g.ids)
+    # index_copy_ / index_select on one flat index: cheaper per call than indexing by (slot, position).
+    grouped = x.new_zeros(batch.slots * g.depth, x.shape[1], dtype=torch.float32).index_copy_(0, g.flat, rows.float())
     a = weights.a[slot_rows].view(batch.slots, block, -1).transpose(1, 2)
-    low = torch.bmm(grouped, a)
+    low = torch.bmm(grouped.view(batch.slots, g.depth, -1), a)
     if scale != 1.0:
         low.mul_(scale)
-    delta = torch.bmm(low, weights.b[slot_rows].view(batch.slots, block, width))[g.slot, g.position]
+    delta = torch.bmm(low, weights.b[slot_rows].view(batch.slots, block, width)).view(-1, width).index_select(0, g.flat)
     if g.every_row:
         target.add_(delta)
     else:
