@@ -155,6 +155,7 @@ def test_packing_trains_the_same_adapters_in_every_recipe(tiny_base, tmp_path, r
                             for t in ("yesno", "echo")}
     for task, alone in weights[False].items():
         for key, value in alone.items():
-            # Float tolerance: another summation order, and Adam's step on a near-zero gradient.
+            # Float tolerance: another summation order, and Adam's step on a near-zero gradient
+            # (AVX-512 kernels sum in other orders than AVX2 ones: 1.4 % of entries moved by 1-3e-6 there).
             diff = (weights[True][task][key] - value).abs()
-            assert diff.max() < 1e-4 and (diff > 1e-6).float().mean() < 0.01, (task, key, diff.max())
+            assert diff.max() < 1e-4 and (diff > 1e-5).float().mean() < 0.01, (task, key, diff.max())
