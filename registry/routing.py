@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -105,18 +106,24 @@ def _vector(by_length: dict[int, np.ndarray], lengths: tuple[int, ...]) -> Spars
     return buckets.astype(np.int64), weights / np.linalg.norm(weights)
 
 
-def _centroids(texts: list[str], keep: int = KEEP) -> tuple[Sparse, Sparse]:
-    """The heaviest `keep` buckets of the mean (choose, gate) vectors, renormalised to unit length."""
+def _totals(vectors: Iterable[tuple[Sparse, Sparse]]) -> np.ndarray:
+    """The (choose, gate) sums of feature vectors, dense over the 2**BITS buckets."""
     totals = np.zeros((2, 1 << BITS), dtype=np.float32)
-    for text in texts:
-        for total, (buckets, weights) in zip(totals, featurize(text)):
+    for pair in vectors:
+        for total, (buckets, weights) in zip(totals, pair):
             total[buckets] += weights
-    out = []
-    for total in totals:
-        top = np.argsort(total)[::-1][:keep]
-        top = top[total[top] > 0]
-        out.append((top.astype(np.int64), total[top] / np.linalg.norm(total[top])))
-    return out[0], out[1]
+    return totals
+
+
+def _heaviest(total: np.ndarray, keep: int = KEEP) -> Sparse:
+    """The `keep` heaviest buckets of a dense sum, heaviest first (ties by bucket), renormalised.
+
+    Ordered over the touched buckets only: a task's inputs touch a few thousand of the 2**20,
+    and sorting all of them cost most of a publish (0.2 s of every 0.9 s with 500 adapters).
+    """
+    touched = np.flatnonzero(total)
+    top = touched[np.lexsort((touched, -total[touched]))[:keep]]
+    return top.astype(np.int64), total[top] / np.linalg.norm(total[top])
 
 
 def cosine(x: Sparse, centroid: Sparse) -> float:
@@ -129,13 +136,15 @@ def build_profile(texts: list[str], adapter_checksum: str, seed: int = 0) -> Rou
     """A task's profile from its (un-prefixed, rendered) training inputs."""
     if not texts:
         raise ProfileError("no training inputs to build a routing profile from")
-    shuffled = texts[:]
-    random.Random(seed).shuffle(shuffled)
-    cut = int(len(shuffled) * HELD_BACK) if len(shuffled) >= 10 else 0
-    held, rest = shuffled[:cut], shuffled[cut:]
-    _, gate = _centroids(rest)
-    similarity = float(np.median([cosine(featurize(t)[1], gate) for t in held])) if held else 1.0
-    choose, gate = _centroids(texts)  # the router uses all of them
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    cut = int(len(order) * HELD_BACK) if len(order) >= 10 else 0
+    held = [featurize(texts[i]) for i in order[:cut]]
+    rest = _totals(featurize(texts[i]) for i in order[cut:])
+    gate = _heaviest(rest[1])
+    similarity = float(np.median([cosine(features[1], gate) for features in held])) if held else 1.0
+    every = rest + _totals(held)  # the router uses all of them
+    choose, gate = _heaviest(every[0]), _heaviest(every[1])
 
     def listed(weights: np.ndarray) -> list[float]:
         return [round(float(w), 6) for w in weights]

@@ -7,6 +7,7 @@ route table, then the real router and vLLM (the session stack of tests/serving.p
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from mtft.registry import (
     checksum,
     read_profile,
 )
-from mtft.registry.routing import build_profile
+from mtft.registry.routing import KEEP, build_profile, featurize
 from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex
 from mtft.router.table import BASE, NotFound, RouteRequest, RouteTable, route
 
@@ -41,6 +42,19 @@ def inputs(task: str, split: str) -> list[str]:
 @pytest.fixture(scope="module")
 def profiles() -> dict[str, RoutingProfile]:
     return {task: build_profile(inputs(task, "train"), f"sha256:{task}") for task in DEMO}
+
+
+def test_a_profile_keeps_the_heaviest_buckets_heaviest_first_and_is_reproducible():
+    """The centroid is cut to the KEEP buckets most inputs share; a republish computes the same profile."""
+    draw = random.Random(0)
+    texts = ["the shared part of every input, then " + "".join(draw.choices("qwxzjkvy", k=12)) for _ in range(600)]
+    profile = build_profile(texts, "sha256:t")
+    weights = profile.weights
+    assert len(profile.buckets) == KEEP < len({b for t in texts for b in featurize(t)[0][0]})
+    assert weights == sorted(weights, reverse=True) and abs(sum(w * w for w in weights) - 1) < 1e-4
+    shared = set(featurize("the shared part of every input, then")[0][0].tolist())
+    assert shared <= set(profile.buckets[: len(shared) + 16])
+    assert build_profile(texts, "sha256:t") == profile
 
 
 def test_held_out_demo_inputs_go_to_their_task(profiles):
