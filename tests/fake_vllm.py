@@ -123,15 +123,15 @@ def serve_in_thread(asgi_app, port: int) -> Iterator[None]:
     thread.join(10)
 
 
-def publish_zero(registry, tiny_base: Path, task: str = "yesno", rank: int = 8, base_fingerprint: str | None = None,
+def publish_zero(registry, base_dir: Path, task: str = "yesno", rank: int = 8, base_fingerprint: str | None = None,
                  base_name: str = "tiny"):
-    """Publish a zero-weight adapter on the tiny base (or `base_name` at that path) as `task` (a fake
-    backend reads only its rank)."""
+    """Publish a zero-weight adapter on the base at `base_dir` (named `base_name`) as `task`: a fake
+    backend reads only its rank, a real vLLM runs its LoRA path on it all the same."""
     from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, fingerprint
     from mtft.serve import write_zero_adapter
 
-    folder = write_zero_adapter(tiny_base, ["q_proj"], rank, registry.root.parent / f"zero-{task}-{rank}")
-    base = BaseModelRef(name=base_name, path=str(tiny_base), fingerprint=base_fingerprint or fingerprint(tiny_base))
+    folder = write_zero_adapter(base_dir, ["q_proj"], rank, registry.root.parent / f"zero-{task}-{rank}")
+    base = BaseModelRef(name=base_name, path=str(base_dir), fingerprint=base_fingerprint or fingerprint(base_dir))
     return registry.publish(folder, AdapterRecord(task=task, prefix=f"{task}: ", base_model=base, rank=rank,
                                                   alpha=rank, target_modules=["q_proj"], metric="accuracy",
                                                   max_new_tokens=4,
