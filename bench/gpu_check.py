@@ -144,7 +144,7 @@ def in_training_logits(recipe: str, options, spec, task: str, batch: dict, devic
     """`task`'s logits from mtft's own in-training model, rebuilt from the run's last checkpoint
     (the loop saves the trainable tensors after the last step, the ones the recipe exports)."""
     import torch
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+    from peft import LoraConfig
     from safetensors.torch import load_file
 
     from mtft.train.tasklora import TaskLoRA, peft_init
@@ -153,16 +153,14 @@ def in_training_logits(recipe: str, options, spec, task: str, batch: dict, devic
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
     model = base_model(spec, device)
-    if recipe == "sequential":  # plans.LoraPlan: the task's PEFT LoRA as it trained
-        model = get_peft_model(model, config)
-        set_peft_model_state_dict(model, load_file(options.output / task / "checkpoint" / "adapter.safetensors"))
-        with torch.no_grad():
-            return model.eval()(**batch).logits
     init, model = peft_init(model, config)
     embedding = spec.multitask.task_embedding
-    layers = TaskLoRA(model, [t.name for t in spec.tasks], init, lora.rank, lora.alpha, lora.dropout,
+    # sequential (plans.LoraPlan): the task's own layers alone, in its own checkpoint folder
+    tasks, folder = ([task], options.output / task) if recipe == "sequential" else ([t.name for t in spec.tasks],
+                                                                                   options.output)
+    layers = TaskLoRA(model, tasks, init, lora.rank, lora.alpha, lora.dropout,
                       shared=recipe == "shared", up_projections=embedding.up_projections, tau=embedding.mix_temperature)
-    state = load_file(options.output / "checkpoint" / "adapter.safetensors")
+    state = load_file(folder / "checkpoint" / "adapter.safetensors")
     layers.load_state_dict({k: v for k, v in state.items() if not k.startswith("loss.")})  # shared.SharedPlan's
     # uncertainty weights sit beside the adapter in its checkpoint
     with torch.no_grad(), layers.task(task):  # one-pass: the task's own layers; shared: conditioned on it
@@ -244,7 +242,7 @@ def worker(args: argparse.Namespace) -> None:
     """One configuration, on this process (and its peers under accelerate launch)."""
     import torch
     from accelerate import Accelerator
-    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from mtft.train import loop
@@ -268,15 +266,14 @@ def worker(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    if args.plan == "adapters":  # one task's PEFT LoRA, as `mtft-train adapters` trains each task
-        peft_model = get_peft_model(model, lora)
-        plan = LoraPlan("long", items["long"], peft_model, training)
-        weights = lambda: get_peft_model_state_dict(peft_model)  # noqa: E731
+    init, model = peft_init(model, lora)
+    if args.plan == "adapters":  # one task alone, as `mtft-train adapters` trains each task
+        task_lora = TaskLoRA(model, ["long"], init, 16, 32, 0.0, shared=False)
+        plan = LoraPlan(task_lora, "long", items["long"], training)
     else:  # every task's adapter in one pass, as `--one-pass`
-        init, model = peft_init(model, lora)
         task_lora = TaskLoRA(model, list(items), init, 16, 32, 0.0, shared=False)
         plan = LockstepPlan(task_lora, items, training)
-        weights = task_lora.state_dict
+    weights = task_lora.state_dict
     setup = loop.Loop(training, out / "checkpoint", RunLog(out), accelerator, pad_id=0)
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()

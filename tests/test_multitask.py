@@ -61,6 +61,47 @@ def test_each_task_exported_from_the_shared_adapter_is_exactly_that_task(tiny_ba
     assert (conditioned["a"] - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_task_layer_trains_as_the_peft_lora_it_exports_to(tiny_base, dtype):
+    """`mtft-train adapters` trains TaskLoRA layers: logits and adapter gradients equal PEFT's on
+    the same weights. float32: to rounding. bfloat16 base: the LoRA products run in bfloat16 (PEFT
+    runs them in float32), so the two agree to bfloat16 precision; weights and gradients stay float32."""
+    from peft import get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=getattr(torch, dtype))
+    config, init, model = _lora_init(model)
+    lora = TaskLoRA(model, ["a"], init, 8, 16, 0.0, shared=False)
+    with torch.no_grad():  # B away from zero, so A's gradient is not zero too
+        for p in lora.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids, targets = torch.randint(3, 900, (3, 10)), torch.randint(3, 900, (3, 10))
+
+    def loss_and_grads(net, params):
+        logits = net(input_ids=ids).logits
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets.flatten()).backward()
+        return logits.float(), {k: p.grad for k, p in params.items()}
+
+    with lora.task("a"):
+        ours = loss_and_grads(model, {f"{n}.{w}": getattr(layer, w)[0] for n, layer in lora.layers.items()
+                                      for w in ("lora_A", "lora_B")})
+    exported = lora.export("a")
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in lora.parameters())
+    peft_model = get_peft_model(lora.remove(), config)
+    set_peft_model_state_dict(peft_model, exported)
+    theirs = loss_and_grads(peft_model, {k.removeprefix("base_model.model.").replace(".default", "")
+                                         .removesuffix(".weight"): p
+                                         for k, p in peft_model.named_parameters() if p.requires_grad})
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 0.05, "atol": 0.02}
+    torch.testing.assert_close(ours[0], theirs[0], **tolerance)
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) == 2 * 7 * 2  # 7 projections, 2 layers
+    for key, grad in ours[1].items():
+        scale = theirs[1][key].abs().max()
+        assert scale > 0, key
+        assert (grad - theirs[1][key]).abs().max() <= (1e-5 if dtype == "float32" else 0.05) * scale, key
+
+
 def test_a_mixed_batch_sends_each_row_through_its_own_task(tiny_base):
     from transformers import AutoModelForCausalLM
 

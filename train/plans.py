@@ -1,13 +1,12 @@
-"""Step plans of per-task adapters: one PEFT LoRA (`mtft-train adapters`), or N in lockstep (`--one-pass`).
+"""Step plans of per-task adapters: one task alone (`mtft-train adapters`), or N in lockstep (`--one-pass`).
 
-Both give each task its own optimizer, schedule and per-token mean loss, and read each task's
-batches from its own stream, so an adapter trained in lockstep equals the one trained alone.
+Both train `TaskLoRA` layers (separate: one LoRA per task), give each task its own optimizer,
+schedule and per-token mean loss, and read each task's batches from its own stream, so an
+adapter trained in lockstep equals the one trained alone.
 The shared adapter's plan is in `shared.py`; the loop that runs them all is `loop.train`.
 """
 
 from __future__ import annotations
-
-from contextlib import nullcontext
 
 import torch
 
@@ -59,41 +58,6 @@ class _PerTask:
             stream.load_state_dict(state["streams"][name])
 
 
-class LoraPlan(_PerTask):
-    """One task's PEFT LoRA, trained alone."""
-
-    def __init__(self, task: str, items: list[Tokenized], model, t: TrainingSpec):
-        super().__init__({task: items}, t)
-        self.name, self.model, self._epoch = task, model, 0
-
-    def optimizers(self) -> dict[str, tuple[list[dict], int]]:
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
-        return {self.name: ([{"params": trainable}], self.total_steps)}
-
-    def draw(self, step: int) -> Draw:
-        parts = []
-        for _ in range(self.grad_accum):
-            self._epoch, ids = self.streams[self.name].next()
-            parts.append([(self.name, i) for i in ids])
-        return Draw(parts, [self.name])
-
-    def rows(self, grouped):
-        return nullcontext()
-
-    def record(self, step: int, stats: dict[str, TaskStep]) -> dict:
-        return {"epoch": self._epoch}
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.model)
-
-    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, tensors)
-
-
 class LockstepPlan(_PerTask):
     """Every task's adapter in one pass: step k holds each task's k-th batch, the batch it would get alone."""
 
@@ -124,3 +88,21 @@ class LockstepPlan(_PerTask):
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         self.lora.load_state_dict(tensors)
+
+
+class LoraPlan(LockstepPlan):
+    """One task's adapter, trained alone: lockstep over that task only, with its epoch in the log."""
+
+    def __init__(self, lora: TaskLoRA, task: str, items: list[Tokenized], t: TrainingSpec):
+        super().__init__(lora, {task: items}, t)
+        self.name, self._epoch = task, 0
+
+    def draw(self, step: int) -> Draw:
+        parts = []
+        for _ in range(self.grad_accum):
+            self._epoch, ids = self.streams[self.name].next()
+            parts.append([(self.name, i) for i in ids])
+        return Draw(parts, [self.name])
+
+    def record(self, step: int, stats: dict[str, TaskStep]) -> dict:
+        return {"epoch": self._epoch}

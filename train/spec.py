@@ -156,6 +156,9 @@ class TrainingSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="the frozen base's dtype (adapters and optimizer stay float32); "
         "auto: bfloat16 where the hardware computes it natively, else float32")
+    attention: Literal["auto", "eager", "sdpa"] = Field(
+        default="auto", description="the base's attention kernel in training and HF evaluation; auto: eager "
+        "on CPU (its backward is faster there than torch's CPU flash attention), sdpa on GPU")
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:

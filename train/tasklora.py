@@ -72,11 +72,13 @@ class _TaskLinear(nn.Module):
         return nn.ParameterList(nn.Parameter(init(*shape)) for _ in range(n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Adapter weights, their gradients and optimizer state stay float32 (as PEFT keeps them), but
+        # their matmuls run in the base's dtype, as under mixed precision: on a bfloat16 base, casting
+        # every activation to float32 for a rank-8 product cost more than the product (a third of a
+        # LoRA training step on CPU; bench/train_speed.py).
         segments = self.rows.segments(x.shape[0])
-        # Adapters stay float32 on a bfloat16 base, as PEFT keeps them.
-        h = x.to(self.lora_A[0].dtype)
-        down = [(self.down(self.dropout(h[start:stop]), task), task) for task, start, stop in segments]
-        return self.base(x) + (self.up(down) * self.scaling).to(x.dtype)
+        down = [(self.down(self.dropout(x[start:stop]), task), task) for task, start, stop in segments]
+        return self.base(x) + self.up(down) * self.scaling
 
     def down(self, x: torch.Tensor, task: int) -> torch.Tensor:
         """The rank-space (r wide) activations of one task's rows."""
@@ -89,6 +91,11 @@ class _TaskLinear(nn.Module):
     def export(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of an ordinary LoRA equal to this task's delta."""
         raise NotImplementedError
+
+
+def _as(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`weight` in `x`'s dtype (a no-op on a float32 base); autograd keeps its gradient float32."""
+    return weight.to(x.dtype)
 
 
 def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
@@ -104,10 +111,10 @@ class SeparateLoRALinear(_TaskLinear):
         self.lora_B = self._params(tasks, base.out_features, rank)
 
     def down(self, x, task):
-        return F.linear(x, self.lora_A[task])
+        return F.linear(x, _as(self.lora_A[task], x))
 
     def up(self, down):
-        return _cat([F.linear(h, self.lora_B[task]) for h, task in down])
+        return _cat([F.linear(h, _as(self.lora_B[task], h)) for h, task in down])
 
     def export(self, task):
         return self.lora_A[task], self.lora_B[task]
@@ -135,13 +142,14 @@ class SharedLoRALinear(_TaskLinear):
         return torch.einsum("k,kor->or", weights, torch.stack(list(self.lora_B)))
 
     def down(self, x, task):
-        return F.linear(F.linear(x, self.lora_A[0]), self.transform[task])
+        return F.linear(F.linear(x, _as(self.lora_A[0], x)), _as(self.transform[task], x))
 
     def up(self, down):
         if self.up_logits is None:
             # Rows differ only in the rank space (r wide): one up-projection serves the whole batch.
-            return F.linear(_cat([h for h, _ in down]), self.lora_B[0])
-        return _cat([F.linear(h, self.mixed_up(task)) for h, task in down])
+            h = _cat([h for h, _ in down])
+            return F.linear(h, _as(self.lora_B[0], h))
+        return _cat([F.linear(h, _as(self.mixed_up(task), h)) for h, task in down])
 
     def export(self, task):
         return self.lora_A[0], self.mixed_up(task) @ self.transform[task]

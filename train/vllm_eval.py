@@ -37,6 +37,7 @@ CHUNK = 128  # prompts per engine call: a progress bar that moves, batches still
 # vLLM accepts only these LoRA ranks (NOTES-vllm-cpu.md): an adapter of rank r needs the next one up.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 START_TIMEOUT_S = 300
+NICE = 19  # the launched worker's niceness: it gets a core only while the run leaves one idle
 
 
 class EngineError(RuntimeError):
@@ -73,6 +74,7 @@ class VllmEvaluator:
         self._process: subprocess.Popen | None = None
         self._connection: Connection | None = None
         self._requests = 0
+        self._ready = False
         self._scratch = tempfile.TemporaryDirectory(prefix="mtft-vllm-eval-")
 
     def answers(self, tokenizer, prompts: list[str], max_new_tokens: int, end_ids: list[int],
@@ -117,11 +119,13 @@ class VllmEvaluator:
             raise EngineError(f"the vLLM evaluation worker failed: {reply['error']} (log: {self.log_path})")
         return reply["answers"]
 
-    def start(self) -> None:
-        """Start the worker and wait for its engine (about 25 s); `generate` calls it, a benchmark may first."""
+    def launch(self) -> None:
+        """Start the worker without waiting for it: its ~20 s start (mostly importing vLLM) then runs
+        while the caller goes on. It runs niced, so a training beside it keeps its cores; when the
+        caller evaluates, the caller waits and nothing competes with the worker."""
         if self._process is not None:
             return
-        began = time.perf_counter()
+        self._began = time.perf_counter()
         ours, theirs = Pipe()
         cores = sorted(os.sched_getaffinity(0))[: self.config.threads or None]
         # vLLM's "auto" binding takes one core of two here; the run's own cores are idle while it evaluates.
@@ -133,10 +137,18 @@ class VllmEvaluator:
         with open(self.log_path, "ab") as out:
             self._process = subprocess.Popen([sys.executable, "-m", "mtft.train.vllm_eval", str(theirs.fileno())],
                                              pass_fds=[theirs.fileno()], stdout=out, stderr=subprocess.STDOUT,
-                                             stdin=subprocess.DEVNULL, env=env)
+                                             stdin=subprocess.DEVNULL, env=env, preexec_fn=lambda: os.nice(NICE))
         theirs.close()
         self._connection = ours
         ours.send(asdict(self.config))
+        self._ready = False
+
+    def start(self) -> None:
+        """Start the worker (if not launched yet) and wait for its engine; `generate` calls it."""
+        self.launch()
+        if self._ready:
+            return
+        ours, began = self._connection, self._began
         while not ours.poll(1.0):
             if self._process.poll() is not None or time.perf_counter() - began > START_TIMEOUT_S:
                 self.close()
@@ -145,8 +157,9 @@ class VllmEvaluator:
         if "error" in ready:
             self.close()
             raise EngineError(f"vLLM could not load {self.config.base_dir}: {ready['error']} (log: {self.log_path})")
-        log.info("evaluation engine: vLLM (%s, max LoRA rank %d), started in %.0f s; log %s", self.config.dtype,
-                 self.config.max_lora_rank, time.perf_counter() - began, self.log_path)
+        self._ready = True
+        log.info("evaluation engine: vLLM (%s, max LoRA rank %d), ready %.0f s after its launch; log %s",
+                 self.config.dtype, self.config.max_lora_rank, time.perf_counter() - began, self.log_path)
 
     def _receive(self) -> dict:
         try:
@@ -170,6 +183,7 @@ class VllmEvaluator:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+        self._ready = False
 
     def __del__(self) -> None:
         self.close()
@@ -213,3 +227,8 @@ def _serve(connection: Connection) -> None:
 
 if __name__ == "__main__":
     _serve(Connection(int(sys.argv[1])))
+    # Nothing to tear down that the OS does not: skipping the interpreter's (about 4 s with vLLM
+    # loaded) lets the run end without waiting for it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
