@@ -1,8 +1,10 @@
-"""The training loop's pieces: the answer-only loss, the base model's dtype, saved predictions, zero-shot cache."""
+"""The training loop's pieces: the answer-only loss, the base model's dtype and attention, saved predictions,
+zero-shot cache."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from mtft.train import RunOptions, load_spec, train_adapters
 from mtft.train.batches import IGNORE, Tokenized, collate
 from mtft.train.loop import answer_loss
-from mtft.train.session import choose_dtype
+from mtft.train.session import choose_attention, choose_dtype
 
 from conftest import tiny_spec
 
@@ -59,10 +61,18 @@ def test_the_base_dtype_is_bfloat16_only_where_the_hardware_computes_it():
     assert choose_dtype("float32", cpu)[0] == torch.float32
 
 
-def test_a_bfloat16_base_trains_float32_adapters(tiny_base, tmp_path):
-    spec = load_spec(tiny_spec(tmp_path, tiny_base, max_steps=2, eval_every=None, dtype="bfloat16"))
+def test_attention_is_eager_on_cpu_unless_the_spec_says_otherwise():
+    assert choose_attention("auto", torch.device("cpu"))[0] == "eager"
+    assert choose_attention("auto", torch.device("cuda"))[0] == "sdpa"
+    assert choose_attention("sdpa", torch.device("cpu")) == ("sdpa", "from training.attention")
+
+
+def test_a_bfloat16_base_trains_float32_adapters(tiny_base, tmp_path, caplog):
+    spec = load_spec(tiny_spec(tmp_path, tiny_base, max_steps=2, eval_every=None, dtype="bfloat16", attention="sdpa"))
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg", tasks=["yesno"])
-    [result] = train_adapters(spec, options)
+    with caplog.at_level(logging.INFO, logger="mtft"):
+        [result] = train_adapters(spec, options)
+    assert "attention: sdpa (from training.attention)" in caplog.text
     from safetensors.torch import load_file
 
     from mtft.registry import Registry
