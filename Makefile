@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv demo test bench bench-real clean
+.PHONY: venv kernel demo test bench bench-real clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,16 +23,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: venv
+# The serving plugin's compiled LoRA kernel, once per machine (~20 s; a no-op when built; where it
+# cannot build, serving runs the torch fused path and says so).
+kernel: venv
+	$(BIN)/python -m mtft.serve.vllm_plugin
+
+demo: venv kernel
 	$(BIN)/mtft-train prepare-base smollm2-135m
 	train/demo/run.sh
 
-test: venv
+test: venv kernel
 	$(BIN)/python -m pytest -q --durations=15
 
 # Side-by-side ratios, one report: runs/bench/report.md + report.json (bench/report.py runs every
 # script; one that fails is reported, the rest still run). An hour or more on 2 cores: run on a quiet machine.
-bench: venv
+bench: venv kernel
 	$(BIN)/mtft-train prepare-base smollm2-135m
 	$(BIN)/python bench/report.py
 

@@ -1,4 +1,5 @@
-"""Multi-LoRA throughput on vLLM's CPU build: vLLM's own LoRA ops, mtft's grouped ops, and the fused path.
+"""Multi-LoRA throughput on vLLM's CPU build: vLLM's own LoRA ops, mtft's grouped ops, the fused path in torch and
+the compiled kernel.
 
     .venv/bin/python bench/lora_throughput.py                  # both models (make bench)
     .venv/bin/python bench/lora_throughput.py --models tiny    # the tiny random Llama only
@@ -7,7 +8,8 @@
 One table: traffic (base model, 1 adapter, 3 and 8 adapters round robin) x phase (decode-heavy:
 a short prompt and 64 new tokens; prefill-heavy: 450-token prompts and 4 new tokens) x plugin
 mode (off: vLLM's own ops; grouped: mtft's grouped ops, the plugin before fusing; fused: grouped
-ops plus one shrink and one expand per layer for small batches, the default) -> tokens/s and
+ops plus one shrink and one expand per layer for small batches in torch; kernel: the same layout
+multiplied by mtft's compiled kernel, the default) -> tokens/s and
 the ratio to base-model traffic in the same mode. Decode rows count generated tokens,
 prefill rows prompt plus generated tokens. Adapters are random rank-8 PEFT adapters on all seven
 projections with nonzero B, all held in LoRA slots (max_loras=8) before timing.
@@ -19,7 +21,7 @@ alternate between the modes. Prefix caching is off and every prompt is new, so e
 On a shared machine the numbers move with the load: the load average is printed with the table.
 
 Then a profile of decode steps on the last model (section B1-decode-profile): base traffic, one
-adapter with vLLM's ops and with the fused path, and eight adapters, each split by hooks into
+adapter with vLLM's ops, the fused path and the kernel, and eight adapters with the last two, each split by hooks into
 the model forward's parts (base GEMMs, the LoRA delta, attention, norms, ...), the LM head, the
 LoRA metadata and what runs outside the forward, in ms per step and as differences to base: where
 an adapter's extra milliseconds go.
@@ -53,7 +55,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 RANK = 8
 ADAPTERS = 8
 TRAFFIC = {"base": 0, "1 adapter": 1, "3 adapters": 3, "8 adapters": 8}
-MODES = ("off", "grouped", "fused")  # vllm_plugin.OFF, GROUPED, FUSED (not imported before vLLM)
+MODES = ("off", "grouped", "fused", "kernel")  # vllm_plugin.OFF, GROUPED, FUSED, KERNEL (not imported before vLLM)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,7 @@ def measure(llm, phase: Phase, adapters: int, loras: list, requests: int, vocab:
 
 
 def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: int,
-                phases: list[str], traffic: list[str], profile: bool = False) -> list:
+                phases: list[str], traffic: list[str], modes: list[str], profile: bool = False) -> list:
     from transformers import AutoConfig
     from vllm import LLM
     from vllm.lora.request import LoRARequest
@@ -157,7 +159,7 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
         best: dict[tuple[str, str], float] = {}
         for _ in range(repeats):  # best of `repeats`: other jobs on a shared machine only slow a run down
             for name in traffic:
-                for mode in MODES:
+                for mode in modes:
                     switch(mode)
                     rate = measure(llm, phase, TRAFFIC[name], loras, requests[phase.name], vocab, rng)
                     best[name, mode] = max(rate, best.get((name, mode), 0.0))
@@ -170,8 +172,9 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
 
 
 # -- where the milliseconds of a decode step go (--profile) -----------------------------------
-# (traffic, plugin mode) cells profiled: base, vLLM's own ops and the fused path with 1 adapter, 8 adapters.
-PROFILED = (("base", "fused"), ("1 adapter", "off"), ("1 adapter", "fused"), ("8 adapters", "fused"))
+# (traffic, plugin mode) cells profiled: base, vLLM's own ops, the fused path and the kernel with 1 adapter, 8 adapters.
+PROFILED = (("base", "kernel"), ("1 adapter", "off"), ("1 adapter", "fused"), ("1 adapter", "kernel"),
+            ("8 adapters", "fused"), ("8 adapters", "kernel"))
 # Module kinds timed by hooks, by class name; every LoRA linear layer is one kind of its own.
 MODULE_KINDS = {"Attention": "attention", "RMSNorm": "norms", "SiluAndMul": "activation",
                 "VocabParallelEmbedding": "embedding", "VocabParallelEmbeddingWithLoRA": "embedding",
@@ -298,6 +301,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per cell")
     parser.add_argument("--phases", default="decode,prefill", help="comma-separated subset of decode, prefill")
     parser.add_argument("--traffic", default=",".join(TRAFFIC), help=f"comma-separated subset of {', '.join(TRAFFIC)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--profile", action="store_true",
                         help="only the profile: where each ms of a decode step goes (section B1-decode-profile)")
     parser.add_argument("--no-profile", action="store_true", help="only the table")
@@ -307,7 +311,8 @@ def main() -> None:
     args = parser.parse_args()
     dtype = args.dtype if args.dtype != "auto" else vllm_dtype("auto")[0]
     models = {"tiny": Model("tiny", "float32", 512), "smollm2-135m": Model("smollm2-135m", dtype, 1024)}
-    for option, valid in (("models", models), ("phases", [p.name for p in PHASES]), ("traffic", TRAFFIC)):
+    for option, valid in (("models", models), ("phases", [p.name for p in PHASES]), ("traffic", TRAFFIC),
+                          ("modes", MODES)):
         unknown = set(getattr(args, option).split(",")) - set(valid)
         if unknown:
             parser.error(f"unknown --{option} {sorted(unknown)}; valid: {', '.join(valid)}")
@@ -321,7 +326,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="mtft-bench-") as scratch:
             requests = {"decode": args.decode_requests, "prefill": args.prefill_requests}
             rows = bench_model(models[names[0]], Path(scratch), requests, args.repeats,
-                               args.phases.split(","), args.traffic.split(","))
+                               args.phases.split(","), args.traffic.split(","), args.modes.split(","))
         if args.rows_out:
             args.rows_out.write_text(json.dumps(rows))
             return
@@ -332,7 +337,7 @@ def main() -> None:
                 argv = [sys.executable, __file__, "--models", name, "--rows-out", out.name,
                         "--decode-requests", str(args.decode_requests),
                         "--prefill-requests", str(args.prefill_requests), "--repeats", str(args.repeats),
-                        "--phases", args.phases, "--traffic", args.traffic, "--dtype", args.dtype]
+                        "--phases", args.phases, "--traffic", args.traffic, "--modes", args.modes, "--dtype", args.dtype]
                 subprocess.run(argv, check=True)
                 rows += [tuple(row) for row in json.loads(Path(out.name).read_text())]
     load_after = os.getloadavg()
@@ -362,7 +367,7 @@ def main() -> None:
 def profile(model: Model, requests: int) -> None:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="mtft-bench-") as scratch:
-        cells = bench_model(model, Path(scratch), {"decode": requests}, 1, ["decode"], [], profile=True)
+        cells = bench_model(model, Path(scratch), {"decode": requests}, 1, ["decode"], [], [], profile=True)
     load = f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)"
     table = profile_table(cells)
     setup = (f"{model.name} ({model.dtype}), decode-heavy: {requests} requests x {PHASES[0].new_tokens} new tokens, "

