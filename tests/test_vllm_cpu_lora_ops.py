@@ -515,3 +515,17 @@ def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call
     with pytest.raises(RuntimeError, match=match):
         call(y, x, weights.a, weights.b)
     assert torch.equal(y, before)
+
+
+def test_mtft_serve_prepares_the_kernel_before_vllm_starts_and_never_fails_on_it(monkeypatch):
+    monkeypatch.delenv(vllm_plugin.ENV, raising=False)
+    assert vllm_plugin.prepare() == f"compiled LoRA kernel ready: {kernel.library()}"
+
+    def no_compiler(verbose: bool = False):
+        raise kernel.KernelError("could not build the mtft LoRA kernel in /x: no c++")
+
+    monkeypatch.setattr(kernel, "build", no_compiler)
+    assert vllm_plugin.prepare() == ("compiled LoRA kernel unavailable, vLLM will use the torch fused path: "
+                                     "could not build the mtft LoRA kernel in /x: no c++")
+    monkeypatch.setenv(vllm_plugin.ENV, "fused")
+    assert vllm_plugin.prepare().startswith("no compiled LoRA kernel needed")
