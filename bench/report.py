@@ -85,6 +85,7 @@ class Benchmark:
 BENCHMARKS = (
     Benchmark("lora_throughput", "B1-multi-adapter",
               ("--models", "tiny", "--repeats", "1", "--decode-requests", "16", "--prefill-requests", "4")),
+    Benchmark("lora_layer", "B1-layer", ("--dtypes", "float32")),
     Benchmark("router_overhead", "B2-router-overhead", ("--requests", "100", "--rounds", "1", "--stack-prompts", "32")),
     Benchmark("router_latency", "B3-hot-add",
               ("--requests", "50", "--trials", "2", "--window-s", "3", "--idle-s", "3")),

@@ -29,10 +29,6 @@ MAX_ROWS = 256
 # At most this many consecutive slots are multiplied at once for a mixed batch; a wider spread
 # costs more in wasted products than the per-slice calls it saves.
 MAX_SLOTS = 16
-# The compiled kernel (lora_kernel.cpp) takes every batch of at most MAX_ROWS rows that mixes
-# slots (or rows without an adapter), and single-slot batches up to this many rows: beyond it the
-# torch path's two BLAS matmuls reuse each weight across more rows than the kernel's row loop.
-KERNEL_ONE_SLOT_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -123,14 +119,6 @@ def plan(slots: tuple[int, ...], lengths: tuple[int, ...]) -> Plan | None:
     flat = [s * deepest + p for s, p in zip(slot_of, position)]
     as_tensor = functools.partial(torch.tensor, dtype=torch.long)
     return Plan(rows, first, count, Groups(as_tensor(ids), as_tensor(flat), deepest, ids == list(range(rows))))
-
-
-def kernel_takes(batch: Plan | None, rows: int) -> bool:
-    """Whether the compiled kernel multiplies this batch (`batch`: its plan, None where the torch
-    path cannot take it): small and mixed ones, and single-slot ones of few rows."""
-    if rows > MAX_ROWS:
-        return False
-    return batch is None or batch.groups is not None or rows <= KERNEL_ONE_SLOT_ROWS
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, batch: Plan, scale: float) -> None:

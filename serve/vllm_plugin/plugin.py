@@ -121,13 +121,15 @@ def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacke
                            *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs) -> None:
     """`PunicaWrapperCPU.add_lora_linear` (same signature): the compiled kernel where it takes the
     batch, else the torch fused path (which hands large batches on to the grouped ops)."""
-    slots = self.token_lora_indices  # one per token: its slot, -1 for none
+    slots = self.token_lora_indices  # one per token: its slot, -1 for none (the kernel skips those rows)
     rows = slots.shape[0]
     y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
-    batch = _step_plan(self)
+    batch = _step_plan(self)  # worked out once per step
     if batch is not None and batch.slots == 0:
-        return  # no row has an adapter
-    if (not fused.kernel_takes(batch, rows) or kwargs.get("add_inputs", True) is not True
+        return  # no row has an adapter (base traffic): not even the stacked weights' lookup
+    # Up to MAX_ROWS rows (decode steps, short prefills) the kernel is faster than the torch path or
+    # even with it (bench/lora_layer.py); longer prefills keep the grouped ops' big matmuls.
+    if (rows > fused.MAX_ROWS or kwargs.get("add_inputs", True) is not True
             or x2.dtype != y2.dtype or x2.shape[0] < rows or y2.stride(-1) != 1 or x2.stride(-1) != 1):
         fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
                               **kwargs)
