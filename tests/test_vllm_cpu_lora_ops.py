@@ -529,3 +529,24 @@ def test_mtft_serve_prepares_the_kernel_before_vllm_starts_and_never_fails_on_it
                                      "could not build the mtft LoRA kernel in /x: no c++")
     monkeypatch.setenv(vllm_plugin.ENV, "fused")
     assert vllm_plugin.prepare().startswith("no compiled LoRA kernel needed")
+
+
+def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several():
+    # Rows are split over torch's intra-op threads; each row is one thread's, so the split must not
+    # change a bit of the result (and no row may be skipped or done twice).
+    kernel.load()
+    lora_a, lora_b = layer_weights(8, 48, (80, 80), torch.float32, seed=11)
+    weights = fused.stacked({}, lora_a, lora_b, (80, 80))
+    slots = torch.tensor([(i * 3) % 9 - 1 for i in range(64)])  # every slot and -1, interleaved
+    x, before = torch.randn(64, 48), torch.randn(64, 160)
+    threads = torch.get_num_threads()
+    out = {}
+    try:
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            out[n] = before.clone()
+            kernel.lora_linear(out[n], x, weights.a, weights.b, slots, 8, (80, 80), 1.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[4])
+    assert torch.equal(out[1][slots < 0], before[slots < 0]) and not torch.equal(out[1], before)
