@@ -475,7 +475,9 @@ def test_without_a_built_kernel_the_plugin_runs_the_torch_fused_path_and_says_wh
     with caplog.at_level(logging.INFO):
         vllm_plugin.register()
     assert vllm_plugin.active_mode() == vllm_plugin.FUSED
-    [line] = [r.getMessage() for r in caplog.records if "mtft CPU LoRA ops active" in r.getMessage()]
+    [record] = [r for r in caplog.records if "mtft CPU LoRA ops active" in r.getMessage()]
+    line = record.getMessage()
+    assert record.levelno == logging.WARNING  # serving works, slower: the user should see it
     assert "fused): " in line and "the compiled kernel is not in use" in line and str(tmp_path) in line
     assert "python -m mtft.serve.vllm_plugin`" in line  # what to run
     with pytest.raises(kernel.KernelError, match="is not built for this machine"):

@@ -1,5 +1,6 @@
 """Swap vLLM's CPU LoRA ops for mtft's grouped ones, and its linear-layer LoRA entry point for
-the fused one, in the process that calls this.
+the compiled kernel (or the fused torch path where the kernel is not built), in the process that
+calls this.
 
 vLLM runs `register` in every process it starts (API server, engine core, workers) through the
 `vllm.general_plugins` entry point `mtft_cpu_lora`. It patches only the CPU build of a vLLM
@@ -248,7 +249,9 @@ def register() -> None:
         except kernel.KernelError as error:
             mode, fallback = FUSED, f"; the compiled kernel is not in use: {error}"
     patch(mode)
-    logger.info(
+    # A missing kernel is worth a warning: serving works, but decode with adapters is slower.
+    logger.log(
+        logging.WARNING if fallback else logging.INFO,
         "mtft CPU LoRA ops active (%s %s, pid %d, %s): grouped shrink/expand%s, no-adapter tokens get "
         "zero delta; %s=0 turns them off%s", CPU_DISTRIBUTION, version, os.getpid(), mode, DESCRIPTIONS[mode],
         ENV, fallback,
