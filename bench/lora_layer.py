@@ -59,10 +59,10 @@ def cell(rows: int, adapters: int, dtype: torch.dtype, generator: torch.Generato
         y = torch.randn(rows, sum(sizes), generator=generator).to(dtype)
         by_torch, by_kernel = y.clone(), y.clone()
         fused.lora_linear(by_torch, x, weights, batch, 0.5)
-        kernel.lora_linear(by_kernel, x, weights.a, weights.b, slots, RANK, sizes, 0.5)
+        kernel.lora_linear(by_kernel, x, weights, slots, sizes, 0.5)
         diff = max(diff, float((by_torch.float() - by_kernel.float()).abs().max()))
         pair = [timed(lambda: fused.lora_linear(by_torch, x, weights, batch, 0.5)),
-                timed(lambda: kernel.lora_linear(by_kernel, x, weights.a, weights.b, slots, RANK, sizes, 0.5))]
+                timed(lambda: kernel.lora_linear(by_kernel, x, weights, slots, sizes, 0.5))]
         torch_s += statistics.median(pair[0])
         kernel_s += statistics.median(pair[1])
     return torch_s * DEPTH * 1e3, kernel_s * DEPTH * 1e3, diff

@@ -303,7 +303,8 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,smollm2-135m", help="comma-separated: tiny, smollm2-135m")
     parser.add_argument("--decode-requests", type=int, default=32)
     parser.add_argument("--prefill-requests", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=2, help="best of this many runs per cell")
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs per cell: best of them, and the median of each run's ratio to its round's base cell")
     parser.add_argument("--phases", default="decode,prefill", help="comma-separated subset of decode, prefill")
     parser.add_argument("--traffic", default=",".join(TRAFFIC), help=f"comma-separated subset of {', '.join(TRAFFIC)}")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")

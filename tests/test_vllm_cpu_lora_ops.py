@@ -330,7 +330,7 @@ def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots,
     weights = fused.stacked({}, lora_a, lora_b, output_slices)
     if path == "kernel":  # every batch the torch path takes
         kernel.load()
-        kernel.lora_linear(new, x, weights.a, weights.b, token_slots(segments), rank, output_slices, 1.0)
+        kernel.lora_linear(new, x, weights, token_slots(segments), output_slices, 1.0)
     else:
         fused.lora_linear(new, x, weights, batch, 1.0)
     vllm_layer(x, lora_a, lora_b, vllm, segments, output_slices)
@@ -497,16 +497,16 @@ def test_a_kernel_build_is_kept_per_source_torch_and_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("problem,call,match", [
-    ("a slot past the stacked slots", lambda y, x, a, b: kernel.lora_linear(
-        y, x, a, b, torch.tensor([0, 4]), 8, (48, 16, 16), 1.0), "row 1 has slot 4 of 4"),
-    ("a slot below -1", lambda y, x, a, b: kernel.lora_linear(
-        y, x, a, b, torch.tensor([-2, 0]), 8, (48, 16, 16), 1.0), "row 0 has slot -2 of 4"),
-    ("mixed dtypes", lambda y, x, a, b: kernel.lora_linear(
-        y.bfloat16(), x, a, b, torch.tensor([0, 1]), 8, (48, 16, 16), 1.0), "x is Float, y is BFloat16"),
-    ("slices that do not match the weights", lambda y, x, a, b: kernel.lora_linear(
-        y, x, a, b, torch.tensor([0, 1]), 8, (48, 16), 1.0), "weight shapes do not match"),
-    ("too few slots for the rows", lambda y, x, a, b: kernel.lora_linear(
-        y, x, a, b, torch.tensor([0]), 8, (48, 16, 16), 1.0), "one entry per row of x"),
+    ("a slot past the stacked slots", lambda y, x, w: kernel.lora_linear(
+        y, x, w, torch.tensor([0, 4]), (48, 16, 16), 1.0), "row 1 has slot 4 of 4"),
+    ("a slot below -1", lambda y, x, w: kernel.lora_linear(
+        y, x, w, torch.tensor([-2, 0]), (48, 16, 16), 1.0), "row 0 has slot -2 of 4"),
+    ("mixed dtypes", lambda y, x, w: kernel.lora_linear(
+        y.bfloat16(), x, w, torch.tensor([0, 1]), (48, 16, 16), 1.0), "x is Float, y is BFloat16"),
+    ("slices that do not match the weights", lambda y, x, w: kernel.lora_linear(
+        y, x, w, torch.tensor([0, 1]), (48, 16), 1.0), "weight shapes do not match"),
+    ("too few slots for the rows", lambda y, x, w: kernel.lora_linear(
+        y, x, w, torch.tensor([0]), (48, 16, 16), 1.0), "one entry per row of x"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call, match):
     kernel.load()
@@ -515,7 +515,7 @@ def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call
     x, y = torch.randn(2, 48), torch.randn(2, 80)
     before = y.clone()
     with pytest.raises(RuntimeError, match=match):
-        call(y, x, weights.a, weights.b)
+        call(y, x, weights)
     assert torch.equal(y, before)
 
 
@@ -547,7 +547,7 @@ def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several():
         for n in (1, 2, 4):
             torch.set_num_threads(n)
             out[n] = before.clone()
-            kernel.lora_linear(out[n], x, weights.a, weights.b, slots, 8, (80, 80), 1.0)
+            kernel.lora_linear(out[n], x, weights, slots, (80, 80), 1.0)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[4])

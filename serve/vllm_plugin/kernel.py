@@ -3,8 +3,8 @@
 torch's cpp_extension builds it (ninja, the machine's C++ compiler, torch's headers; nothing
 downloaded) into `$MTFT_HOME/kernels/<key>/`, where the key hashes the source, the flags, torch's
 version and the CPU's feature flags: it is compiled with `-march=native`, so a build must never be
-loaded on another kind of CPU. `make venv` / `make test` and `mtft-serve` build it (about 20 s the
-first time); vLLM's processes only load a build that is there and never compile while serving.
+loaded on another kind of CPU. `make kernel` (run by `make test`, `make demo` and `make bench`) and
+`mtft-serve` build it (about 20 s the first time); vLLM's processes only load a build that is there and never compile while serving.
 Where there is none, or it fails to load, the fused path stays in torch (`fused.lora_linear`) and
 the plugin says so in one log line. `python -m mtft.serve.vllm_plugin` builds it.
 """
@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 
+from .fused import Stacked
+
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 NAME = "mtft_lora_kernel"
 # -fopenmp: at::parallel_for's OpenMP body is compiled into the caller; the runtime it links is
 # the libgomp.so.1 torch has already loaded (same soname), so there is one thread pool.
 FLAGS = ("-O3", "-march=native", "-fopenmp")
-BUILD_HINT = "build it with `python -m mtft.serve.vllm_plugin` (make venv does)"
+BUILD_HINT = "build it with `python -m mtft.serve.vllm_plugin` (make kernel does)"
 
 _loaded: str | None = None  # the library's path once loaded in this process
 
@@ -93,9 +95,8 @@ def load() -> None:
     _loaded = str(path)
 
 
-def lora_linear(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, slots: torch.Tensor, rank: int,
-                sizes: tuple[int, ...], scale: float) -> None:
+def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, slots: torch.Tensor, sizes: tuple[int, ...],
+                scale: float) -> None:
     """y[row, :sum(sizes)] += scale * (x[row] @ A_s^T) @ B_s in place, for each row's slot s >= 0
-    (`fused.Stacked` layout: a (slots * block, in), bt (slots * block, width), fp32); rows with
-    slot -1 are left as they are. Call `load()` first."""
-    torch.ops.mtft.lora_linear(y, x, a, bt, slots, rank, sizes, scale)
+    (`sizes`: the layer's output slices); rows with slot -1 are left as they are. Call `load()` first."""
+    torch.ops.mtft.lora_linear(y, x, weights.a, weights.b, slots, weights.rank, sizes, scale)

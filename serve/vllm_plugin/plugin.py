@@ -137,7 +137,7 @@ def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacke
         return
     cache = self.__dict__.setdefault("_mtft_stacked", {})
     weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices)
-    kernel.lora_linear(y2[:rows], x2[:rows], weights.a, weights.b, slots, weights.rank, output_slices, scale)
+    kernel.lora_linear(y2[:rows], x2[:rows], weights, slots, output_slices, scale)
 
 
 def skipping_add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
@@ -243,12 +243,11 @@ def register() -> None:
         )
         return
     fallback = ""
-    if mode == KERNEL:
-        try:
-            kernel.load()
-        except kernel.KernelError as error:
-            mode, fallback = FUSED, f"; the compiled kernel is not in use: {error}"
-    patch(mode)
+    try:
+        patch(mode)
+    except kernel.KernelError as error:  # kernel mode without a loadable build: patch changed nothing
+        mode, fallback = FUSED, f"; the compiled kernel is not in use: {error}"
+        patch(mode)
     # A missing kernel is worth a warning: serving works, but decode with adapters is slower.
     logger.log(
         logging.WARNING if fallback else logging.INFO,
