@@ -402,7 +402,10 @@ def test_fused_weights_follow_an_adapter_loaded_into_a_used_slot(unpatched, wrap
     second = add_lora_linear(mode, wrapper, before, x, lora_a, lora_b, output_slices)
     reference = add_lora_linear(vllm_plugin.GROUPED, wrapper, before, x, lora_a, lora_b, output_slices)
     assert not torch.allclose(first, second)
-    torch.testing.assert_close(second, reference)
+    # Same products in another summation order (the kernel's): the file's fp32 tolerance, as for every
+    # other path-vs-path comparison here; torch's default atol failed 2 of 200 random draws by ~1e-5 on
+    # values ~57.
+    torch.testing.assert_close(second, reference, **tolerance(torch.float32, reference))
 
 
 def test_the_lm_head_lora_is_skipped_only_while_no_slot_holds_head_weights(unpatched, wrapper, monkeypatch):
@@ -449,7 +452,8 @@ def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper, m
         rows = len(token_ids)
         fused_out = add_lora_linear(mode, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
         grouped = add_lora_linear(vllm_plugin.GROUPED, wrapper, before[:rows], x[:rows], lora_a, lora_b, output_slices)
-        torch.testing.assert_close(fused_out, grouped, msg=f"step {i}: {token_ids}")
+        torch.testing.assert_close(fused_out, grouped, **tolerance(torch.float32, grouped),
+                                   msg=f"step {i}: {token_ids}")
 
 
 @pytest.mark.parametrize("value,mode", [(None, "kernel"), ("1", "kernel"), ("kernel", "kernel"), ("fused", "fused"),
