@@ -33,12 +33,19 @@ Part `speed`: a random-init Llama with SmolLM2-135M's shape (`--model tiny`: the
 2-layer size) on synthetic token sequences of a prompt/answer shape like the demo tasks'. Random
 weights cost exactly what trained ones cost, which is all a speed check measures. Each
 configuration runs in its own process group (`--worker`; N processes through `accelerate
-launch`): `mtft-train adapters`' plan (one PEFT LoRA) and `--one-pass`'s (every task's adapter in
-one pass), with the base in float32 and in bfloat16, on 1 process and on N (default: every GPU;
-skipped on one GPU, where NCCL cannot place two ranks). Prints the median step time, training
-tokens/s and the ratios, and for N processes the largest adapter weight difference to the
-1-process run (the same global batch must train the same adapter). Both parts: under 5 minutes
-on one H200 with the defaults (not run on one yet: no GPU was lent).
+launch`), each trains both tasks for --steps steps of --batch examples:
+- `peer`: the plain HF+PEFT loop everyone writes first (bench/train_speed.py's peer on CPU):
+  shuffled batches padded to their longest row, logits over the whole vocabulary, 1 process;
+- `adapters`: `mtft-train adapters`' plan, one task after the other;
+- `one-pass`: `--one-pass`'s plan, every task's adapter in each step;
+- `-packed`: the same with `training.packing: true`;
+with the base in float32 and in bfloat16, on 1 process and on N (default: every GPU; skipped on
+one GPU, where NCCL cannot place two ranks). Prints the median step time, tokens/s (real, non-pad
+tokens) and ratios: to float32, to the peer and to `adapters` in the same dtype (issue 15's GPU
+readings: adapters vs the bf16 peer, one-pass-packed vs adapters), and for N processes the
+largest adapter weight difference to the 1-process run (the same global batch must train the
+same adapter). Both parts are meant to take under 5 minutes on one H200 with the defaults (an
+estimate: not run on one yet, no GPU was lent).
 """
 
 from __future__ import annotations
@@ -238,8 +245,46 @@ def run_parity(args: argparse.Namespace, folder: Path) -> tuple[list[dict], list
 
 # ---- part `speed`: the training loop's speed on a SmolLM2-sized model, 1 vs N processes, fp32 vs bf16
 
+PLANS = ("peer", "adapters", "adapters-packed", "one-pass", "one-pass-packed")
+
+
+def peer_task(model, lora, items: list, steps: int, batch: int, device) -> list[dict]:
+    """The plain HF+PEFT loop on one task (bench/train_speed.py's peer): shuffled batches padded to
+    their longest row, `model(labels=...)` over the whole vocabulary at every position, the loss read
+    each step. Per step: seconds and real (non-pad) tokens, timed as mtft's loop times its steps."""
+    import random
+
+    import torch
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora)
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    rng, rows = random.Random(0), []
+    for _ in range(steps):
+        began = time.perf_counter()
+        chosen = rng.sample(items, batch)
+        width = max(len(t.input_ids) for t in chosen)
+        ids = torch.tensor([t.input_ids + [0] * (width - len(t.input_ids)) for t in chosen], device=device)
+        labels = torch.tensor([t.labels + [-100] * (width - len(t.labels)) for t in chosen], device=device)
+        mask = torch.tensor([[1] * len(t.input_ids) + [0] * (width - len(t.input_ids)) for t in chosen], device=device)
+        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        loss.item()
+        rows.append({"seconds": time.perf_counter() - began, "tokens": int(mask.sum()), "examples": batch})
+    peft_model.unload()
+    return rows
+
+
 def worker(args: argparse.Namespace) -> None:
-    """One configuration, on this process (and its peers under accelerate launch)."""
+    """One configuration, on this process (and its peers under accelerate launch).
+
+    Every plan trains the same tasks for the same steps of the same batch size on the same example
+    pools (`steps` and `examples` in its result count them): `peer` and `adapters` one task after
+    the other (as `mtft-train adapters` does), `one-pass` every task in each step; `-packed` turns
+    `training.packing` on.
+    """
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig
@@ -260,35 +305,46 @@ def worker(args: argparse.Namespace) -> None:
     model = LlamaForCausalLM(config).to(dtype).to(accelerator.device).requires_grad_(False)
     items = examples(config.vocab_size, 64 * args.batch, seed=0)
     training = TrainingSpec(max_steps=args.steps, batch_size=args.batch, learning_rate=1e-3, warmup_steps=0,
-                            checkpoint_every=10 * args.steps, max_length=512, dtype=args.dtype)
+                            checkpoint_every=10 * args.steps, max_length=512, dtype=args.dtype,
+                            packing=args.plan.endswith("-packed"))
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    init, model = peft_init(model, lora)
-    if args.plan == "adapters":  # one task alone, as `mtft-train adapters` trains each task
-        task_lora = TaskLoRA(model, ["long"], init, 16, 32, 0.0, shared=False)
-        plan = LoraPlan(task_lora, "long", items["long"], training)
-    else:  # every task's adapter in one pass, as `--one-pass`
-        task_lora = TaskLoRA(model, list(items), init, 16, 32, 0.0, shared=False)
-        plan = LockstepPlan(task_lora, items, training)
-    weights = task_lora.state_dict
-    setup = loop.Loop(training, out / "checkpoint", RunLog(out), accelerator, pad_id=0)
+    weights, steps = {}, []  # steps: per task, its steps' seconds and tokens
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     began = time.perf_counter()
-    loop.train(plan, setup, resume=False)
+    if args.plan == "peer":
+        for task in TASKS:
+            torch.manual_seed(0)
+            steps.append(peer_task(model, lora, items[task], args.steps, args.batch, accelerator.device))
+    for task in TASKS if args.plan.startswith("adapters") else [None] if args.plan.startswith("one-pass") else []:
+        torch.manual_seed(0)  # every task's initial LoRA is PEFT's, as in mtft-train adapters
+        init, model = peft_init(model, lora)
+        names = [task] if task else list(items)
+        task_lora = TaskLoRA(model, names, init, 16, 32, 0.0, shared=False)
+        plan = (LoraPlan(task_lora, task, items[task], training) if task
+                else LockstepPlan(task_lora, items, training))
+        folder = out / (task or "all")
+        folder.mkdir(exist_ok=True)
+        loop.train(plan, loop.Loop(training, folder / "checkpoint", RunLog(folder), accelerator, pad_id=0), resume=False)
+        weights |= {f"{task or 'all'}.{k}": v.detach().float().cpu().contiguous() for k, v in task_lora.state_dict().items()}
+        steps.append([{"seconds": r["seconds"], "tokens": r["tokens_per_s"] * r["seconds"],
+                       "examples": sum(t["examples"] for t in r["tasks"].values())}
+                      for r in RunLog(folder).rows() if "seconds" in r])
+        model = task_lora.remove()
     if accelerator.is_main_process:
-        rows = [r for r in RunLog(out).rows() if "seconds" in r]
-        steady = rows[2:] or rows  # the first steps warm up kernels and the allocator
+        wall = time.perf_counter() - began
+        steady = [r for rows in steps for r in (rows[2:] or rows)]  # each training's first steps warm up kernels
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().float().cpu().contiguous() for k, v in weights().items()}, out / "adapter.safetensors")
+        save_file(weights or {"none": torch.zeros(1)}, out / "adapter.safetensors")
         (out / "result.json").write_text(json.dumps({
-            "wall": time.perf_counter() - began, "step": statistics.median(r["seconds"] for r in steady),
-            # every token through the model (the run log's rate), not only the answer tokens learnt from
-            "tokens_per_s": sum(r["tokens_per_s"] * r["seconds"] for r in steady) / sum(r["seconds"] for r in steady),
+            "wall": wall, "step": statistics.median(r["seconds"] for r in steady),
+            "steps": sum(len(rows) for rows in steps), "examples": sum(r["examples"] for rows in steps for r in rows),
+            # real (non-pad) tokens through the model per second, not only the answer tokens learnt from
+            "tokens_per_s": sum(r["tokens"] for r in steady) / sum(r["seconds"] for r in steady),
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if accelerator.device.type == "cuda" else None}))
 
 
@@ -325,12 +381,13 @@ def run_speed(args: argparse.Namespace, folder: Path) -> list[dict]:
     gpus = 0 if cpu else torch.cuda.device_count()
     processes = args.processes or (2 if cpu else gpus)
     rows = []
-    print(f"\n{args.model} model, {args.steps} steps of global batch {args.batch}, device "
+    print(f"\n{args.model} model, tasks {', '.join(TASKS)} x {args.steps} steps of global batch {args.batch}, device "
           f"{'cpu' if cpu else torch.cuda.get_device_name(0)} x{gpus or 1}", flush=True)
     for plan in args.plans.split(","):
         for dtype in args.dtypes.split(","):
-            counts = [1] + ([processes] if processes > 1 and (cpu or processes <= gpus) else [])
-            for n in counts:
+            # The peer is the plain single-process loop.
+            several = plan != "peer" and processes > 1 and (cpu or processes <= gpus)
+            for n in [1] + ([processes] if several else []):
                 out = folder / f"{plan}-{dtype}-{n}"
                 result = run_config(args, plan, dtype, n, out)
                 if n > 1:
@@ -343,17 +400,32 @@ def run_speed(args: argparse.Namespace, folder: Path) -> list[dict]:
                 print(json.dumps(rows[-1]), flush=True)
     if processes <= 1 or (not cpu and processes > gpus):
         print(f"N-process runs skipped: {gpus} GPU(s); NCCL needs one GPU per process")
-    base = {(r["plan"], r["processes"]): r for r in rows if r["dtype"] == rows[0]["dtype"]}
-    print(f"\n{'plan':<10}{'dtype':<10}{'procs':>6}{'step s':>9}{'tokens/s':>11}{'vs ' + rows[0]['dtype']:>13}"
-          f"{'vs 1 proc':>11}{'max |dw| vs 1':>15}")
-    for r in rows:
-        one = next(x for x in rows if (x["plan"], x["dtype"], x["processes"]) == (r["plan"], r["dtype"], 1))
-        fp32 = base[(r["plan"], r["processes"])]
-        diff = f"{r['max_diff_to_1']:.1e}" if "max_diff_to_1" in r else "-"
-        print(f"{r['plan']:<10}{r['dtype']:<10}{r['processes']:>6}{r['step']:>9.3f}{r['tokens_per_s']:>11,.0f}"
-              f"{r['tokens_per_s'] / fp32['tokens_per_s']:>12.2f}x{r['tokens_per_s'] / one['tokens_per_s']:>10.2f}x"
-              f"{diff:>15}")
+    print(speed_table(rows))
     return rows
+
+
+def speed_table(rows: list[dict]) -> str:
+    """Tokens/s ratios: to the first dtype, to the peer and to `adapters` (same dtype, the peer's
+    and `adapters`' single process), and to the same config on 1 process. Issue 15's targets read
+    off `vs peer` (adapters, bf16) and `vs adapters` (one-pass-packed)."""
+    def rate(plan: str, dtype: str, processes: int = 1) -> float | None:
+        found = [r for r in rows if (r["plan"], r["dtype"], r["processes"]) == (plan, dtype, processes)]
+        return found[0]["tokens_per_s"] if found else None
+
+    def ratio(r: dict, other: float | None) -> str:
+        return f"{r['tokens_per_s'] / other:.2f}x" if other else "-"
+
+    first = rows[0]["dtype"]
+    head = ["plan", "dtype", "procs", "step s", "tokens/s", f"vs {first}", "vs peer", "vs adapters", "vs 1 proc",
+            "max |dw| vs 1"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["plan"], r["dtype"], str(r["processes"]), f"{r['step']:.3f}", f"{r['tokens_per_s']:,.0f}",
+                 ratio(r, rate(r["plan"], first, r["processes"])), ratio(r, rate("peer", r["dtype"])),
+                 ratio(r, rate("adapters", r["dtype"])), ratio(r, rate(r["plan"], r["dtype"])),
+                 f"{r['max_diff_to_1']:.1e}" if "max_diff_to_1" in r else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -369,7 +441,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="speed: default 30 on cuda, 6 on cpu")
     parser.add_argument("--batch", type=int, default=16, help="speed: global micro-batch (examples per step)")
     parser.add_argument("--timeout", type=int, default=240, help="speed: seconds per configuration")
-    parser.add_argument("--plans", default="adapters,one-pass", help="speed: comma-separated: adapters, one-pass")
+    parser.add_argument("--plans", default=",".join(PLANS), help=f"speed: comma-separated: {', '.join(PLANS)}")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="speed: comma-separated base dtypes (float32 first)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -389,6 +461,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if not parts or parts - {"parity", "speed"}:
         sys.exit(f"--parts {args.parts!r}: choose from parity, speed (comma-separated)")
+    if unknown := set(args.plans.split(",")) - set(PLANS):
+        sys.exit(f"--plans: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PLANS)} (comma-separated)")
     missing = missing_packages()
     if missing:
         sys.exit(f"missing Python packages for mtft.train on this machine: {' '.join(missing)} (pip install them; "
