@@ -79,6 +79,63 @@ def test_the_same_seed_gives_the_same_adapter(trained, tmp_path):
     assert all((first[k] == second[k]).all() for k in first)
 
 
+def test_a_task_trains_the_same_after_others_as_alone(tmp_path, tiny_base, monkeypatch):
+    """Every task of a run starts from the same initial LoRA and torch RNG state (dropout draws from
+    it), whatever trained before it: `--task echo` alone publishes the adapter a full run does."""
+    spec = load_spec(tiny_spec(tmp_path, tiny_base, max_steps=4, eval_every=None))
+    spec.lora.dropout = 0.1
+
+    def echo_after_yesno(name: str) -> dict:
+        options = RunOptions(output=tmp_path / name, registry=tmp_path / f"{name}-reg")
+        train_adapters(spec, options)
+        return adapter_weights(options.registry, "echo")
+
+    alone = RunOptions(output=tmp_path / "alone", registry=tmp_path / "alone-reg", tasks=["echo"])
+    train_adapters(spec, alone)
+    reference = adapter_weights(alone.registry, "echo")
+    after = echo_after_yesno("both")
+    assert all((after[k] == reference[k]).all() for k in reference)
+    # The control: with the RNG state left as the first task left it, the dropout masks differ.
+    monkeypatch.setattr("mtft.train.session.torch.set_rng_state", lambda state: None)
+    unrestored = echo_after_yesno("unrestored")
+    assert any((unrestored[k] != reference[k]).any() for k in reference)
+
+
+def test_an_adapter_folder_is_the_one_peft_save_pretrained_writes(tmp_path, tiny_base):
+    """mtft writes adapters without wrapping the base in PEFT; PEFT loads them as its own."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from mtft.train.tasklora import peft_init, save_adapter
+
+    config = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    torch.manual_seed(0)
+    init, model = peft_init(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), config)
+    weights = {k: v + 0.05 * torch.randn_like(v) for k, v in init.items()}
+    save_adapter(tmp_path / "ours", config, weights, tiny_base)
+    peft_model = get_peft_model(model, config)
+    set_peft_model_state_dict(peft_model, weights)
+    peft_model.save_pretrained(tmp_path / "peft")
+
+    def folder(name: str) -> tuple[dict, dict, dict]:
+        found = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        found["target_modules"] = sorted(found["target_modules"])
+        with safe_open(tmp_path / name / "adapter_model.safetensors", "pt") as f:
+            return found, f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    (ours, ours_meta, ours_tensors), (theirs, theirs_meta, theirs_tensors) = folder("ours"), folder("peft")
+    assert ours == theirs and ours["base_model_name_or_path"] == str(tiny_base)
+    assert ours_meta == theirs_meta and ours_tensors.keys() == theirs_tensors.keys()
+    assert all(torch.equal(ours_tensors[k], theirs_tensors[k]) for k in ours_tensors)
+    ids = torch.randint(3, 900, (2, 9))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        loaded = PeftModel.from_pretrained(peft_model.unload(), tmp_path / "ours")
+        assert torch.equal(loaded(input_ids=ids).logits, expected)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(tmp_path, tiny_base, packing):
     spec_path = tiny_spec(tmp_path, tiny_base, max_steps=300, checkpoint_every=1, eval_every=None, packing=packing)

@@ -12,8 +12,6 @@ import logging
 from functools import partial
 from typing import Callable
 
-import torch
-
 from mtft.registry import BaseModelRef, Registry
 
 from . import loop
@@ -25,7 +23,7 @@ from .gate import eval_hash
 from .session import Checked, RunOptions, Session, TaskResult, check_run
 from .shared import SharedPlan, check_shared, forgetting_table, plan_stages
 from .spec import Spec, SpecError
-from .tasklora import TaskLoRA, peft_init
+from .tasklora import TaskLoRA
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +99,7 @@ def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained
         mode=mode, tasks=[t.model_dump(mode="json") for t in tasks], multitask=spec.multitask.model_dump(mode="json")))
     session.score_base()
     items = {t.name: session.tokenized(t) for t in tasks}
-    torch.manual_seed(spec.training.seed)  # the initial LoRA `mtft-train adapters` starts every task from
-    init, session.model = peft_init(session.model, session.lora_config())
+    init = session.initial_lora()  # the initial LoRA `mtft-train adapters` starts every task from
     plan = make_plan(session, items, init)
     lora = plan.lora
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from functools import partial
 
-import torch
-
 from . import loop
 from .plans import LoraPlan
 from .session import NOT_SHAPING, RunOptions, Session, TaskResult, check_run
 from .spec import Spec, TaskSpec
-from .tasklora import TaskLoRA, peft_init
+from .tasklora import TaskLoRA
 
 
 def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
@@ -28,8 +26,7 @@ def train_adapters(spec: Spec, options: RunOptions) -> list[TaskResult]:
 
 
 def _train(session: Session, task: TaskSpec) -> None:
-    torch.manual_seed(session.spec.training.seed)  # the same initial LoRA however many tasks ran before
-    init, session.model = peft_init(session.model, session.lora_config())
+    init = session.initial_lora()  # the same initial LoRA however many tasks ran before
     lora = session.spec.lora
     layers = TaskLoRA(session.model, [task.name], init, lora.rank, lora.alpha, lora.dropout, shared=False)
     training = session.spec.training_for(task)

@@ -16,10 +16,13 @@ are contiguous and `TaskLoRA.rows` says which task each run of rows belongs to.
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
 
 PEFT_PREFIX = "base_model.model."  # get_peft_model_state_dict keys: PEFT_PREFIX + module + ".lora_A.weight"
@@ -35,6 +38,19 @@ def peft_init(model: nn.Module, lora_config) -> tuple[dict[str, torch.Tensor], n
 
     peft_model = get_peft_model(model, lora_config)
     return get_peft_model_state_dict(peft_model), peft_model.unload()
+
+
+def save_adapter(folder: Path, lora_config, weights: dict[str, torch.Tensor], base_dir: str | Path) -> None:
+    """`weights` (a PEFT LoRA state dict) as the adapter folder PEFT's `save_pretrained` writes.
+
+    Its config names `base_dir`, which vLLM's resolver matches to the served model. Written
+    directly: wrapping the base in a PeftModel only to save it cost ~0.7 s per adapter.
+    """
+    config = copy.copy(lora_config)
+    config.base_model_name_or_path, config.inference_mode = str(base_dir), True
+    config.save_pretrained(folder)
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()},
+              Path(folder) / "adapter_model.safetensors", metadata={"format": "pt"})
 
 
 class _Rows:

@@ -11,7 +11,6 @@ starts at the first evaluation that uses it and serves every later one of the ru
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .evaluate import decode_answers
+from .tasklora import save_adapter
 
 log = logging.getLogger(__name__)
 
@@ -96,14 +96,8 @@ class VllmEvaluator:
     def _adapter_folder(self, adapter: Adapter) -> Path | None:
         if adapter is None or isinstance(adapter, Path):
             return adapter
-        from safetensors.torch import save_file
-
         folder = Path(self._scratch.name) / f"adapter-{self._requests + 1}"
-        config = copy.copy(self.lora_config)
-        config.base_model_name_or_path = self.config.base_dir
-        config.save_pretrained(folder)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in adapter().items()},
-                  folder / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_adapter(folder, self.lora_config, adapter(), self.config.base_dir)
         return folder
 
     def generate(self, prompt_ids: list[list[int]], max_new_tokens: int, end_ids: list[int],
