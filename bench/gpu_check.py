@@ -311,7 +311,7 @@ def worker(args: argparse.Namespace) -> None:
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    weights, steps = {}, []  # steps: per task, its steps' seconds and tokens
+    weights, steps = {}, []  # steps: per training, its steps' seconds, tokens and examples
     if accelerator.device.type == "cuda":
         torch.cuda.synchronize()
     began = time.perf_counter()
@@ -319,7 +319,8 @@ def worker(args: argparse.Namespace) -> None:
         for task in TASKS:
             torch.manual_seed(0)
             steps.append(peer_task(model, lora, items[task], args.steps, args.batch, accelerator.device))
-    for task in TASKS if args.plan.startswith("adapters") else [None] if args.plan.startswith("one-pass") else []:
+    # adapters: one training per task; one-pass: one training of every task (None)
+    for task in [] if args.plan == "peer" else list(TASKS) if args.plan.startswith("adapters") else [None]:
         torch.manual_seed(0)  # every task's initial LoRA is PEFT's, as in mtft-train adapters
         init, model = peft_init(model, lora)
         names = [task] if task else list(items)
