@@ -249,30 +249,19 @@ PLANS = ("peer", "adapters", "adapters-packed", "one-pass", "one-pass-packed")
 
 
 def peer_task(model, lora, items: list, steps: int, batch: int, device) -> list[dict]:
-    """The plain HF+PEFT loop on one task (bench/train_speed.py's peer): shuffled batches padded to
-    their longest row, `model(labels=...)` over the whole vocabulary at every position, the loss read
-    each step. Per step: seconds and real (non-pad) tokens, timed as mtft's loop times its steps."""
+    """The plain HF+PEFT loop (bench/peer.py, train_speed.py's peer) on one task's shuffled batches.
+    Per step: seconds and real (non-pad) tokens, timed as mtft's loop times its steps."""
     import random
 
-    import torch
-    from peft import get_peft_model
+    import peer
 
-    peft_model = get_peft_model(model, lora)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model, optimizer = peer.wrap(model, lora, 1e-3)
     rng, rows = random.Random(0), []
     for _ in range(steps):
         began = time.perf_counter()
         chosen = rng.sample(items, batch)
-        width = max(len(t.input_ids) for t in chosen)
-        ids = torch.tensor([t.input_ids + [0] * (width - len(t.input_ids)) for t in chosen], device=device)
-        labels = torch.tensor([t.labels + [-100] * (width - len(t.labels)) for t in chosen], device=device)
-        mask = torch.tensor([[1] * len(t.input_ids) + [0] * (width - len(t.input_ids)) for t in chosen], device=device)
-        loss = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        loss.item()
-        rows.append({"seconds": time.perf_counter() - began, "tokens": int(mask.sum()), "examples": batch})
+        tokens = peer.step(peft_model, optimizer, [(t.input_ids, t.labels) for t in chosen], 0, device)
+        rows.append({"seconds": time.perf_counter() - began, "tokens": tokens, "examples": batch})
     peft_model.unload()
     return rows
 

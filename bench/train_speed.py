@@ -33,6 +33,7 @@ import yaml
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
+import peer  # noqa: E402  (the plain HF+PEFT loop, shared with gpu_check.py)
 from multitask_real import TASKS, Dumper  # noqa: E402  (the real-data tasks, shared with that bench)
 from report import save  # noqa: E402
 
@@ -66,7 +67,7 @@ def write_spec(args: argparse.Namespace) -> Path:
 def run_peer(spec_path: Path, out: Path, dtype_name: str) -> dict:
     """The plain HF+PEFT loop, one task after another, then the same evaluation as mtft's."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from transformers import AutoModelForCausalLM
 
     from mtft.train import load_spec
@@ -85,8 +86,7 @@ def run_peer(spec_path: Path, out: Path, dtype_name: str) -> dict:
         model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=dtype)
         lora = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=0.0,
                           target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
-        model = get_peft_model(model, lora)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.learning_rate)
+        model, optimizer = peer.wrap(model, lora, t.learning_rate)
         examples = checked.data[task.name].train
         rng = random.Random(t.seed)
         order = []
@@ -101,15 +101,7 @@ def run_peer(spec_path: Path, out: Path, dtype_name: str) -> dict:
                 answer = tokenizer(e.target, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                 ids = (prompt + answer)[-t.max_length:]
                 rows.append((ids, ([-100] * len(prompt) + answer)[-t.max_length:]))
-            width = max(len(ids) for ids, _ in rows)
-            input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids, _ in rows])
-            labels = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in rows])
-            mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in rows])
-            loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            tokens += int(mask.sum())
+            tokens += peer.step(model, optimizer, rows, pad)
         train_s += time.perf_counter() - began
         # mtft's evaluation: the same prompts, greedy decoding, metric and batching.
         scores[task.name] = evaluate(model, tokenizer, checked.data[task.name].eval, task.metric, task.labels,

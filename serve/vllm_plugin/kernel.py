@@ -4,7 +4,8 @@ torch's cpp_extension builds it (ninja, the machine's C++ compiler, torch's head
 downloaded) into `$MTFT_HOME/kernels/<key>/`, where the key hashes the source, the flags, torch's
 version and the CPU's feature flags: it is compiled with `-march=native`, so a build must never be
 loaded on another kind of CPU. `make kernel` (run by `make test`, `make demo` and `make bench`) and
-`mtft-serve` build it (about 20 s the first time); vLLM's processes only load a build that is there and never compile while serving.
+`mtft-serve` build it (about 20 s the first time); vLLM's processes only load a build that is
+there and never compile while serving.
 Where there is none, or it fails to load, the fused path stays in torch (`fused.lora_linear`) and
 the plugin says so in one log line. `python -m mtft.serve.vllm_plugin` builds it.
 """
