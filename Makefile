@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv kernel demo test bench bench-real clean
+.PHONY: venv kernel demo test test-fast bench bench-real clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ demo: venv kernel
 
 test: venv kernel
 	$(BIN)/python -m pytest -q --durations=15
+
+# The tests not marked slow (no training runs past a few seconds, no vLLM stack): the loop to
+# run while working; under 3 minutes on 2 cores.
+test-fast: venv kernel
+	$(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 # Side-by-side ratios, one report: runs/bench/report.md + report.json (bench/report.py runs every
 # script; one that fails is reported, the rest still run). An hour or more on 2 cores: run on a quiet machine.

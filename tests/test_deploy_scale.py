@@ -17,7 +17,7 @@ import re
 from urllib.parse import urlparse
 
 import pytest
-from test_deploy import K8S, compose, compose_problems, k8s_containers, k8s_problems, parse_cli, render
+from deploy_checks import K8S, compose, compose_problems, k8s_containers, k8s_problems, parse_cli, render
 
 from mtft.serve.config import ServeConfigError, load_config
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_router_image import blocking_env
+from helpers import blocking_env
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("sequential", "one-pass", "shared")

@@ -19,7 +19,7 @@ from mtft.train import RunOptions, SpecError, load_spec, train_one_pass, train_s
 from mtft.train.tasklora import TaskLoRA, peft_init
 
 from conftest import tiny_spec
-from test_train import adapter_weights, cli, kill_at_random_step
+from helpers import adapter_weights, cli, kill_at_random_step
 
 
 def _lora_init(model, rank=8, modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
@@ -281,6 +281,7 @@ def test_sequential_stages_train_one_task_each_and_write_a_forgetting_table(tiny
                                                         ["1", "yesno", "yesno"]]
 
 
+@pytest.mark.slow
 def test_a_killed_shared_run_resumes_and_ends_identical(tiny_base, tmp_path):
     spec_path = _spec_with(tmp_path, tiny_base, {"mixing": {"strategy": "dynamic", "update_every": 3}},
                            max_steps=100, checkpoint_every=1, eval_every=None)

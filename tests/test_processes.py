@@ -22,7 +22,7 @@ from mtft.train import loop as train_loop
 from mtft.train.processes import Ranks, check_processes
 
 from conftest import tiny_spec
-from test_train import adapter_weights, run_log
+from helpers import adapter_weights, run_log
 
 CONFIG = Path(__file__).parents[1] / "deploy" / "accelerate" / "1node-cpu.yaml"
 # Summing two processes' partial gradients reorders float sums (~1e-7); Adam turns that into
@@ -54,6 +54,7 @@ def step_rows(output: Path) -> list[dict]:
     return [r for r in run_log(output) if "loss" in r]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_adapters_one_process_trains(trained, tmp_path):
     spec, options, _ = trained
     result = launch("adapters", "--config", str(spec.source), "--registry", str(tmp_path / "reg"),
@@ -70,6 +71,7 @@ def test_two_processes_train_the_adapters_one_process_trains(trained, tmp_path):
                                                                    b["tasks"][task]["tokens"], b["seen"])
 
 
+@pytest.mark.slow
 def test_one_pass_on_two_processes_equals_the_adapters_trained_alone(trained, tmp_path):
     spec, options, _ = trained
     result = launch("adapters", "--one-pass", "--config", str(spec.source), "--registry", str(tmp_path / "reg"),
@@ -82,6 +84,7 @@ class Killed(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_a_shared_run_stopped_on_one_process_resumes_on_two(shared_trained, tmp_path, monkeypatch):
     folder, spec_path, _ = shared_trained
     save = train_loop._save
@@ -108,6 +111,7 @@ def test_a_shared_run_stopped_on_one_process_resumes_on_two(shared_trained, tmp_
     assert_same_adapters(tmp_path / "reg", folder / "registry", ["yesno", "echo"])
 
 
+@pytest.mark.slow
 def test_a_batch_that_does_not_divide_by_the_processes_fails_before_training(tiny_base, tmp_path):
     spec_path = tiny_spec(tmp_path, tiny_base, batch_size=3)
     result = launch("adapters", "--config", str(spec_path), "--registry", str(tmp_path / "reg"),

@@ -9,30 +9,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import adapter_dir, record  # noqa: F401  (a session fixture and a record factory)
 
-from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, RegistryError, checksum
-
-
-@pytest.fixture(scope="session")
-def adapter_dir(tiny_base, tmp_path_factory) -> Path:
-    """A real PEFT LoRA adapter saved from the tiny base model."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    peft = get_peft_model(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-    out = tmp_path_factory.mktemp("adapter")
-    peft.save_pretrained(out)
-    return out
-
-
-def record(task="yesno") -> AdapterRecord:
-    return AdapterRecord(
-        task=task, prefix=f"{task}: ", template=PromptTemplate(input="{text}", target="{label}"),
-        base_model=BaseModelRef(name="tiny", path="/tiny", fingerprint="sha256:0"),
-        rank=8, alpha=16, target_modules=["q_proj", "v_proj"], metric="accuracy",
-        metrics={"base": 0.1, "adapter": 0.9}, max_new_tokens=4,
-    )
+from mtft.registry import Registry, RegistryError, checksum
 
 
 def test_publish_writes_a_whole_versioned_folder(tmp_path, adapter_dir):

@@ -7,8 +7,7 @@ import math
 import threading
 
 import pytest
-from test_registry import adapter_dir, record  # noqa: F401  (a session fixture and a record factory)
-from test_router import table
+from helpers import adapter_dir, record, table  # noqa: F401  (a session fixture, a record factory, a route table)
 
 from mtft.registry import Registry, RegistryError
 from mtft.registry.rollout import Canary, Gate, Rollout, parse_percent

@@ -3,29 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from helpers import routed_record as record, table
 
-from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, render_prompt
+from mtft.registry import render_prompt
 from mtft.router import APIError, Keys, RouteRequest, RouteTable, route
 from mtft.router import RouterConfig
 from mtft.router.proxy import (CHAT, COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_chunk, exchange, parse,
                                shaped)
 from mtft.router.public import Public, public_name
-
-BASE_REF = BaseModelRef(name="tiny", path="/models/tiny", fingerprint="sha256:" + "1" * 64)
-
-
-def record(task: str, prefix: str, version: int = 1, **extra) -> AdapterRecord:
-    return AdapterRecord(task=task, version=version, prefix=prefix, base_model=BASE_REF, rank=8, alpha=16,
-                         target_modules=["q_proj"], metric="exact_match", max_new_tokens=5,
-                         template=PromptTemplate(input="{text}", target="{label}", prompt="{prefix}{input}\nA:"),
-                         **extra)
-
-
-def table(default: str | None = None, base_target: str = "mtft-base-zero") -> RouteTable:
-    records = [record("summarize", "summarize: "), record("summarize-de", "summarize: de: ", version=3),
-               record("yesno", "yesno: ", version=2)]
-    return RouteTable(current={r.task: r for r in records}, base_names=frozenset({"base", "tiny"}),
-                      base_target=base_target, default=default)
 
 
 @pytest.mark.parametrize(("request_", "matched", "upstream", "text"), [

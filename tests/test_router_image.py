@@ -25,82 +25,27 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from deploy_checks import ROUTER_ONLY_GIB, stages
 from fake_vllm import FakeVLLM, publish_zero, wait_for
+from helpers import blocking_env
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from test_deploy import ROUTER_ONLY_GIB, stages
 
 from conftest import CHATML_TEMPLATE
 from mtft.registry import PromptTemplate, Registry
 from mtft.serve.stack import free_port
 
+pytestmark = pytest.mark.slow
 MTFT_SERVE = str(Path(sys.executable).with_name("mtft-serve"))
 HEAVY = ("torch", "transformers", "peft", "vllm")
-# Put first on sys.path by PYTHONPATH: hides IMPORT_BLOCK's packages and, with IMPORT_DUMP set,
-# writes <IMPORT_DUMP>/<pid>.json with argv and sys.modules at exit and every 0.2 s before
-# (uvicorn re-raises SIGTERM after its shutdown, so the router never runs its atexit hooks).
-SITECUSTOMIZE = '''
-import atexit, json, os, sys, threading, time
-
-BLOCKED = set(filter(None, os.environ.get("IMPORT_BLOCK", "").split(",")))
-
-
-class Hide:
-    """A finder that does not see BLOCKED: to import and to importlib.util.find_spec they are not installed."""
-
-    def __init__(self, finder):
-        self.finder = finder
-
-    def find_spec(self, name, path=None, target=None):
-        if name.partition(".")[0] in BLOCKED:
-            return None
-        return self.finder.find_spec(name, path, target)
-
-    def __getattr__(self, attr):
-        return getattr(self.finder, attr)
-
-
-sys.meta_path[:] = [Hide(finder) for finder in sys.meta_path]
-folder = os.environ.get("IMPORT_DUMP")
-
-
-def write():
-    path = os.path.join(folder, f"{os.getpid()}.json")
-    with open(path + ".tmp", "w") as handle:
-        json.dump({"argv": sys.argv, "modules": sorted(sys.modules)}, handle)
-    os.replace(path + ".tmp", path)
-
-
-def every_moment():
-    while True:
-        write()
-        time.sleep(0.2)
-
-
-if folder:
-    atexit.register(write)
-    threading.Thread(target=every_moment, daemon=True).start()
-'''
 # Imported by the router only because this environment has them (vLLM brings them): FastAPI and
 # pydantic look for them and go on without (no form, e-mail or extra-typed fields are used),
 # anyio uses sniffio when installed, and uvicorn runs on asyncio and h11 without uvloop,
 # httptools and websockets. Checked by running the
-# router from a virtual environment holding only the router stage's list (see README, Scaling out).
+# router from a virtual environment holding only the router stage's list (see docs/deploy.md, The router image).
 OPTIONAL = {"email-validator", "pydantic-extra-types", "python-multipart", "sniffio", "uvloop", "httptools",
             "websockets"}
 SITE_HOOKS = {"_distutils_hack"}  # this venv's setuptools .pth hook, imported by site in every process
-
-
-def blocking_env(folder: Path, blocked: tuple[str, ...], dump: Path | None = None) -> dict[str, str]:
-    """An environment whose Python processes (children too) cannot import `blocked`."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])),
-           "IMPORT_BLOCK": ",".join(blocked)}
-    if dump is not None:
-        dump.mkdir(parents=True, exist_ok=True)
-        env["IMPORT_DUMP"] = str(dump)
-    return env
 
 
 def router_requirements() -> list[str]:

@@ -3,27 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import random
 import re
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import yaml
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from mtft.registry import Registry
 from mtft.train.batches import IGNORE, tokenize
-from mtft.train.cli import app
 from mtft.train.data import Example
 from mtft.train import RunOptions, load_spec, train_adapters
 
 from conftest import tiny_spec
+from helpers import adapter_weights, cli, kill_at_random_step, run_log
 
 
 def test_prompt_tokens_carry_no_loss_and_answers_end_with_the_end_token(tiny_base):
@@ -60,14 +53,6 @@ def test_training_publishes_one_evaluated_adapter_per_task(trained):
         config = json.loads((Registry(options.registry).version_dir(result.task, 1) / "adapter_config.json").read_text())
         assert config["base_model_name_or_path"] == record.base_model.path
     assert (options.output / "curves.png").stat().st_size > 10_000
-
-
-def run_log(output: Path) -> list[dict]:
-    return [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter_weights(registry: Path, task: str, version: int = 1) -> dict:
-    return load_file(Registry(registry).version_dir(task, version) / "adapter_model.safetensors")
 
 
 def test_the_same_seed_gives_the_same_adapter(trained, tmp_path):
@@ -136,6 +121,7 @@ def test_an_adapter_folder_is_the_one_peft_save_pretrained_writes(tmp_path, tiny
         assert torch.equal(loaded(input_ids=ids).logits, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(tmp_path, tiny_base, packing):
     spec_path = tiny_spec(tmp_path, tiny_base, max_steps=300, checkpoint_every=1, eval_every=None, packing=packing)
@@ -157,41 +143,12 @@ def test_a_killed_run_resumes_where_it_stopped_and_ends_identical(tmp_path, tiny
     assert all((resumed[k] == straight[k]).all() for k in straight), f"{kill}: the adapters differ"
 
 
-def kill_at_random_step(command: list[str], metrics: Path, total: int) -> str:
-    """Start a training run of `total` steps and SIGKILL it once it has logged a step drawn at random.
-
-    The draw stops at two thirds, so the kill lands mid-way however fast steps are, and the killed
-    run and its resume together take one run's time whatever is drawn. Returns what to put in
-    assertion messages: the drawn step, the last one logged, and how to rerun with that draw."""
-    drawn = int(os.environ.get("MTFT_KILL_STEP") or random.randint(2, total * 2 // 3))
-    started = time.time()
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while time.time() < started + 300 and proc.poll() is None and logged_steps(metrics) < drawn:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    reached = logged_steps(metrics)
-    kill = (f"killed after step {reached} of {total} ({time.time() - started:.0f} s), drawn {drawn}: "
-            f"rerun with MTFT_KILL_STEP={drawn}")
-    assert drawn <= reached < total, f"the run was not killed mid-way ({kill})"
-    return kill
-
-
-def logged_steps(metrics: Path) -> int:
-    """Step rows in a run log (they carry a loss; the final evaluation rows do not)."""
-    return sum('"loss"' in row for row in metrics.read_text().splitlines()) if metrics.exists() else 0
-
-
 def test_retraining_publishes_the_next_version(trained, tmp_path):
     spec, options, _ = trained
     registry = tmp_path / "reg"
     for _ in range(2):
         train_adapters(spec, RunOptions(output=tmp_path / "run", registry=registry, tasks=["echo"]))
     assert Registry(registry).versions("echo") == [1, 2]
-
-
-def cli(*args: str):
-    return CliRunner().invoke(app, list(args))
 
 
 def test_cli_bad_input_fails_before_training_and_leaves_the_registry_alone(trained, tmp_path, tiny_base):

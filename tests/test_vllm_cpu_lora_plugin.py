@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_vllm_parity import ENGINE, hf_peft_greedy, latest_adapters
+from helpers import ENGINE, hf_peft_greedy, latest_adapters
 
 from mtft.registry import Registry, render_prompt
 from mtft.serve.vllm_plugin import ENV, FUSED, KERNEL, OFF

@@ -5,49 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
+from helpers import ENGINE, NEW_TOKENS, hf_peft_greedy, latest_adapters
 
 from mtft.registry import Registry, render_prompt
-
-NEW_TOKENS = 8
-ENGINE = Path(__file__).with_name("vllm_greedy.py")
-
-
-def hf_greedy(model, tokenizer, prompts: list[str]) -> list[list[int]]:
-    """A plain argmax loop: no generate() options that could bend the comparison."""
-    out = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").input_ids
-            new = []
-            for _ in range(NEW_TOKENS):
-                token = int(model(input_ids=ids).logits[0, -1].argmax())
-                new.append(token)
-                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-            out.append(new)
-    return out
-
-
-def hf_peft_greedy(base_folder: Path, adapters: dict[str, Path], prompts: dict[str, list[str]]) -> dict:
-    """HF greedy tokens for {"base" | name: prompts}, each name through its adapter folder with PEFT."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(base_folder)
-    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32).eval()
-    expected = {"base": hf_greedy(base, tokenizer, prompts["base"])}
-    for name in prompts.keys() - {"base"}:
-        model = PeftModel.from_pretrained(base, adapters[name]).eval()
-        expected[name] = hf_greedy(model, tokenizer, prompts[name])
-        base = model.unload()
-    return expected
-
-
-def latest_adapters(registry: Registry, prefix: str = "") -> dict[str, Path]:
-    return {prefix + t: registry.version_dir(t, r.version) for t, r in registry.latest().items()}
 
 
 @pytest.mark.slow
