@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, checksum
 from .routing import build_profile, write_profile
 from .rollout import ROLLOUT_FILE, Rollout, Serving
-from .servable import adapter_config_problems
+from .servable import adapter_config_problems, weight_problems
 
 log = logging.getLogger(__name__)
 STAGING = ".staging"
@@ -114,7 +114,7 @@ class Registry:
         if missing:
             raise RegistryError(f"{adapter_dir} lacks {missing}; is it a PEFT LoRA adapter folder?")
         config = json.loads((adapter_dir / "adapter_config.json").read_text())
-        problems = adapter_config_problems(config)
+        problems = adapter_config_problems(config) + weight_problems(config, adapter_dir / "adapter_model.safetensors")
         if problems:
             raise RegistryError(f"refusing to publish {adapter_dir}: " + "; ".join(problems))
         self.check_writable()

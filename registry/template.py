@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 FIELD = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 FRAME_FIELDS = {"prefix", "input"}
+SYSTEM_FOLD = "\n\n"  # between the system text and the user text where a template has no system role
 
 
 def template_fields(text: str) -> list[str]:
@@ -47,7 +48,8 @@ class PromptTemplate(BaseModel):
         default="{prefix}{input}\n",
         description="plain format only: frame around the input; fields {prefix} and {input}",
     )
-    system: str | None = Field(default=None, description="chat format only: system message")
+    system: str | None = Field(default=None, description="chat format only: system message (first in the user "
+                               "turn where the base's chat template has no system role)")
     chat_template: str | None = Field(
         default=None,
         description="filled from the base model's tokenizer at training time (chat format)",
@@ -93,13 +95,33 @@ def render_prompt(template: PromptTemplate, prefix: str, text: str) -> str:
         return fill(template.prompt, {"prefix": prefix, "input": text})
     if template.chat_template is None:
         raise ValueError("chat-format template has no chat_template; train it with a chat base model")
+    user = f"{prefix}{text}"
     messages = []
-    if template.system is not None:
+    if template.system is not None and takes_system(template.chat_template):
         messages.append({"role": "system", "content": template.system})
-    messages.append({"role": "user", "content": f"{prefix}{text}"})
-    return _compile_chat(template.chat_template).render(
-        messages=messages, add_generation_prompt=True, bos_token="", eos_token=""
-    )
+    elif template.system is not None:
+        user = f"{template.system}{SYSTEM_FOLD}{user}"
+    messages.append({"role": "user", "content": user})
+    return _render_chat(template.chat_template, messages)
+
+
+def _render_chat(source: str, messages: list[dict[str, str]]) -> str:
+    return _compile_chat(source).render(messages=messages, add_generation_prompt=True, bos_token="", eos_token="")
+
+
+@lru_cache(maxsize=32)
+def takes_system(chat_template: str) -> bool:
+    """Whether a chat template renders a system message. Some families' refuse one (Gemma's raises),
+    others drop it unseen; on those the system text goes first in the user turn (`SYSTEM_FOLD`),
+    the same in training and serving, since both render through here."""
+    from jinja2.exceptions import TemplateError
+
+    probe = "mtft-system-probe"
+    try:
+        rendered = _render_chat(chat_template, [{"role": "system", "content": probe}, {"role": "user", "content": "x"}])
+    except TemplateError:
+        return False
+    return probe in rendered
 
 
 @lru_cache(maxsize=32)

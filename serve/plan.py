@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mtft.registry import SERVABLE_MODULES, SERVABLE_RANKS, AdapterRecord, Registry, fingerprint, servable_problems
+from mtft.registry import SERVABLE_RANKS, AdapterRecord, Registry, base_modules, fingerprint, servable_problems
 from mtft.router.config import RouterConfig, RouterOptions
 
 from .config import ServeConfig
@@ -70,9 +70,15 @@ def plan(config: ServeConfig) -> ServingPlan:
         raise ServeError(f"--max-lora-rank {max_rank} is not one vLLM allows: {list(SERVABLE_RANKS)}")
     # Slots: every task, the zero adapter, and one more so a version swap never waits for a slot.
     max_loras = config.max_loras or len(adapters) + 2
-    modules = sorted({m for a in adapters for m in a.target_modules}) or list(SERVABLE_MODULES)
     return ServingPlan(base_dir, base_name, base_fingerprint, adapters, rejected, max_rank, max_loras,
-                       config.max_cpu_loras or 2 * max_loras, modules if _zero_adapter_needed(config) else [])
+                       config.max_cpu_loras or 2 * max_loras,
+                       _zero_modules(base_dir, adapters) if _zero_adapter_needed(config) else [])
+
+
+def _zero_modules(base_dir: Path, adapters: list[AdapterRecord]) -> list[str]:
+    """The zero adapter's modules: the served adapters' own (all trained on this base), else every
+    module vLLM serves LoRA on in this base (a Phi-3 has fused qkv_proj where a Llama has q_proj)."""
+    return sorted({m for a in adapters for m in a.target_modules}) or list(base_modules(base_dir).servable)
 
 
 def _zero_adapter_needed(config: ServeConfig) -> bool:

@@ -36,14 +36,17 @@ def write_zero_adapter(base_dir: Path, target_modules: list[str], rank: int, fol
             key = f"base_model.model.{name}"
             tensors[f"{key}.lora_A.weight"] = torch.zeros(rank, module.in_features)
             tensors[f"{key}.lora_B.weight"] = torch.zeros(module.out_features, rank)
-    if not tensors:
-        raise ValueError(f"{base_dir} has no linear modules named {target_modules}")
+    # The config names the modules that got weights, never more: vLLM reads the names as what
+    # the adapter adapts, and a name without weights would claim what it does not do.
+    written = sorted({key.split(".lora_")[0].rsplit(".", 1)[-1] for key in tensors})
+    if missing := sorted(set(target_modules) - set(written)):
+        raise ValueError(f"{base_dir} has no linear modules named {missing}; its adapters' modules must be its own")
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base_dir),
-        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "target_modules": sorted(target_modules),
+        "r": rank, "lora_alpha": rank, "lora_dropout": 0.0, "target_modules": written,
         "bias": "none", "modules_to_save": None, "use_dora": False, "fan_in_fan_out": False,
     }, indent=2))
-    log.info("wrote the zero adapter (rank %d, %s) to %s", rank, sorted(target_modules), folder)
+    log.info("wrote the zero adapter (rank %d, %s) to %s", rank, written, folder)
     return folder

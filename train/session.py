@@ -18,9 +18,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from jinja2.exceptions import TemplateError
 from pydantic import BaseModel
 
-from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, fingerprint
+from mtft.registry import AdapterRecord, BaseModelRef, PromptTemplate, Registry, fingerprint, render_prompt
 from mtft.registry.rollout import Gate
 
 from .base import mtft_home, resolve_base
@@ -31,6 +32,7 @@ from .gate import baseline, eval_hash, judge, serving_record
 from .processes import Ranks, check_processes, start_accelerator
 from .runlog import RunLog, plot
 from .spec import Spec, SpecError, TaskSpec
+from .targets import target_modules
 from .tasklora import peft_init, save_adapter
 from .vllm_eval import Adapter, EngineConfig, EngineError, VllmEvaluator, vllm_installed, vllm_rank
 
@@ -107,6 +109,7 @@ class Checked:
     tokenizer: object
     templates: dict[str, PromptTemplate]
     data: dict[str, TaskData]
+    target_modules: list[str]  # lora.target_modules resolved against the base (`targets.py`)
 
 
 def check_run(spec: Spec, options: RunOptions) -> Checked:
@@ -118,7 +121,8 @@ def check_run(spec: Spec, options: RunOptions) -> Checked:
     base_dir = resolve_base(spec.base_model)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     templates = {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks}
-    data, problems = {}, []
+    modules, problems = target_modules(spec, base_dir)
+    data = {}
     for task in tasks:
         try:
             data[task.name] = load_task_data(spec, task, templates[task.name], spec.training.seed)
@@ -133,7 +137,7 @@ def check_run(spec: Spec, options: RunOptions) -> Checked:
                 "give data.eval or a larger eval_fraction, or lower publish.gate.min_eval_examples")
     if problems:
         raise SpecError(str(spec.source), problems)
-    return Checked(tasks, base_dir, tokenizer, templates, data)
+    return Checked(tasks, base_dir, tokenizer, templates, data, modules)
 
 
 def set_threads(requested: int | None, processes: int = 1) -> int:
@@ -297,7 +301,7 @@ class Session:
 
         lora = self.spec.lora
         return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                          target_modules=list(self.checked.target_modules), task_type="CAUSAL_LM")
 
     def _evaluator(self) -> VllmEvaluator | None:
         """The vLLM evaluation engine where `training.eval_engine` picks it, else None."""
@@ -425,7 +429,7 @@ class Session:
         gate = self._judge(task, state.adapter_score, eval_hash(examples))
         record = AdapterRecord(
             task=task.name, prefix=task.prefix, template=self.checked.templates[task.name], base_model=self.base_ref,
-            rank=lora.rank, alpha=lora.alpha, target_modules=list(lora.target_modules), metric=task.metric,
+            rank=lora.rank, alpha=lora.alpha, target_modules=list(self.checked.target_modules), metric=task.metric,
             metrics={"base": state.base_score, "adapter": state.adapter_score},
             labels=task.labels, eval_examples=len(examples), eval_hash=eval_hash(examples),
             max_new_tokens=task.max_new_tokens,
@@ -490,4 +494,10 @@ def _with_chat_template(template: PromptTemplate, tokenizer, task: str) -> Promp
         return template
     if not tokenizer.chat_template:
         raise SpecError(task, [f"task {task!r} uses format: chat but the base model's tokenizer has no chat template"])
-    return template.model_copy(update={"chat_template": tokenizer.chat_template})
+    filled = template.model_copy(update={"chat_template": tokenizer.chat_template})
+    try:
+        render_prompt(filled, "", "x")
+    except TemplateError as exc:
+        raise SpecError(task, [f"task {task!r} uses format: chat, but the base model's chat template cannot render "
+                               f"one user message ({exc}); use format: plain with a prompt of your own"]) from None
+    return filled

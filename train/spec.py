@@ -13,7 +13,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mtft.registry import (
-    SERVABLE_MODULES,
     PromptTemplate,
     module_problems,
     rank_problems,
@@ -119,11 +118,17 @@ class LoraSpec(Strict):
     rank: int = 8
     alpha: float = 16.0
     dropout: float = Field(default=0.05, ge=0, lt=1)
-    target_modules: list[str] = Field(default_factory=lambda: list(SERVABLE_MODULES))
+    target_modules: Literal["auto"] | list[str] = Field(
+        default="auto", description="auto: every linear projection in the base's decoder layers that vLLM serves "
+        "LoRA on (fused ones such as Phi-3's qkv_proj included; docs/models.md); or a list of those names")
 
     @model_validator(mode="after")
     def _servable(self) -> LoraSpec:
-        problems = rank_problems(self.rank) + module_problems(self.target_modules)
+        problems = rank_problems(self.rank)
+        if isinstance(self.target_modules, list):
+            problems += module_problems(self.target_modules)
+            if not self.target_modules:
+                problems.append("target_modules is empty; name modules or leave it auto")
         if problems:
             raise ValueError("; ".join(problems))
         return self
