@@ -156,9 +156,11 @@ def in_training_logits(recipe: str, options, spec, task: str, batch: dict, devic
 
     from mtft.train.tasklora import TaskLoRA, peft_init
 
+    from mtft.train.targets import target_modules
+
     lora = spec.lora  # from the spec, not the exported adapter_config.json: a wrong export must not agree
     config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), task_type="CAUSAL_LM")
+                        target_modules=target_modules(spec, spec.base_model)[0], task_type="CAUSAL_LM")
     model = base_model(spec, device)
     init, model = peft_init(model, config)
     embedding = spec.multitask.task_embedding

@@ -85,7 +85,7 @@ def run_peer(spec_path: Path, out: Path, dtype_name: str) -> dict:
         torch.manual_seed(t.seed)
         model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=dtype)
         lora = LoraConfig(r=spec.lora.rank, lora_alpha=spec.lora.alpha, lora_dropout=0.0,
-                          target_modules=list(spec.lora.target_modules), task_type="CAUSAL_LM")
+                          target_modules=checked.target_modules, task_type="CAUSAL_LM")
         model, optimizer = peer.wrap(model, lora, t.learning_rate)
         examples = checked.data[task.name].train
         rng = random.Random(t.seed)

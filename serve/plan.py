@@ -24,6 +24,9 @@ from .zero import ZERO_ADAPTER
 
 log = logging.getLogger(__name__)
 REPLICA_SEPARATOR = ";"  # vLLM itself separates tensor-parallel ranks' core lists with "|"
+# vLLM's CPU attention (vllm/v1/attention/backends/cpu_attn.py, get_supported_head_sizes): with
+# another head size vLLM starts, then its engine dies at the first request.
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 class ServeError(Exception):
@@ -79,6 +82,21 @@ def _zero_modules(base_dir: Path, adapters: list[AdapterRecord]) -> list[str]:
     """The zero adapter's modules: the served adapters' own (all trained on this base), else every
     module vLLM serves LoRA on in this base (a Phi-3 has fused qkv_proj where a Llama has q_proj)."""
     return sorted({m for a in adapters for m in a.target_modules}) or list(base_modules(base_dir).servable)
+
+
+def cpu_problems(base_dir: Path) -> list[str]:
+    """Why vLLM's CPU build cannot serve this base: asked before a vLLM starts, not at its first request."""
+    import json
+
+    config = json.loads((base_dir / "config.json").read_text())
+    text = config.get("text_config") or config  # multimodal checkpoints keep the language model's settings here
+    heads = text.get("num_attention_heads")
+    head = text.get("head_dim") or (text.get("hidden_size", 0) // heads if heads else None)
+    if head is not None and head not in CPU_HEAD_SIZES:
+        return [f"base model {base_dir} has attention heads of size {head}; vLLM's CPU build serves head sizes "
+                f"{list(CPU_HEAD_SIZES)} only (its engine would stop at the first request): serve this base with "
+                "vLLM's GPU build, or choose a base whose head size is one of these (docs/models.md)"]
+    return []
 
 
 def _zero_adapter_needed(config: ServeConfig) -> bool:

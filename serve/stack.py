@@ -31,7 +31,7 @@ from pathlib import Path
 import httpx
 
 from .config import ServeConfig
-from .plan import ServeError, cpu_binds, plan, router_config, vllm_command, vllm_dtype
+from .plan import ServeError, cpu_binds, cpu_problems, plan, router_config, vllm_command, vllm_dtype
 from .zero import ZERO_ADAPTER, write_zero_adapter
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,10 @@ class Stack:
         self.children = self._children(zero_dir)
         if self.children:
             # Here, not at import: the plugin imports torch, which a router-only install does not have.
-            from .vllm_plugin import prepare
+            from .vllm_plugin import cpu_build_version, prepare
+
+            if cpu_build_version() is not None and (problems := cpu_problems(self.plan.base_dir)):
+                raise ServeError("; ".join(problems))
 
             log.info("%s", prepare())
         for child in self.children:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from typer.testing import CliRunner
 
 from mtft.registry import (
+    FUSED_MODULES,
     VLLM_LORA_MODULES,
     PromptTemplate,
     Registry,
@@ -30,12 +31,20 @@ from mtft.registry import (
     weight_problems,
 )
 from mtft.registry.template import takes_system
-from mtft.train.cli import app
+from mtft.train import RunOptions, load_spec
+from mtft.train.session import check_run
 
 from conftest import tiny_spec
-from families import BY_NAME, FAMILIES, SPLIT, Family, build_family_base
+from families import BY_NAME, FAMILIES, SPLIT, build_family_base
+from helpers import NEW_TOKENS, hf_peft_greedy
+
+ENGINE = Path(__file__).with_name("vllm_families.py")
+RECIPES = (("adapters",), ("adapters", "--one-pass"), ("shared",))  # publish v1, v2, v3 of each task
 
 NAMES = [f.name for f in FAMILIES]
+DOC = Path(__file__).parents[1] / "docs" / "models.md"
+TITLES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma2": "Gemma 2",
+          "gemma3": "Gemma 3 (text)", "phi3": "Phi-3", "olmo2": "OLMo 2"}
 SYSTEM = "Repeat the text exactly."
 
 
@@ -48,7 +57,7 @@ def bases(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
 
 def family_spec(folder: Path, base: Path, **changes) -> Path:
     """The tiny two-task spec on `base`, its chat task with a system text, trained 2 steps."""
-    path = tiny_spec(folder, base, max_steps=2, eval_every=None)
+    path = tiny_spec(folder, base, max_steps=2, eval_every=None, learning_rate=2e-2)
     spec = yaml.safe_load(path.read_text())
     spec["tasks"][1]["template"]["system"] = SYSTEM
     spec["lora"] |= changes
@@ -56,8 +65,10 @@ def family_spec(folder: Path, base: Path, **changes) -> Path:
     return path
 
 
-def cli(*args: str):
-    return CliRunner().invoke(app, [str(a) for a in args])
+def cli(*args):
+    from helpers import cli as run
+
+    return run(*map(str, args))
 
 
 # -- target modules -------------------------------------------------------------------------------
@@ -145,6 +156,21 @@ def test_the_zero_adapter_names_the_bases_own_modules(bases, tmp_path, name):
         write_zero_adapter(bases[name], ["qkv_proj", "q_proj"], 8, tmp_path / "wrong")
 
 
+def test_the_family_table_in_docs_models_md_is_what_the_code_computes(bases):
+    """Each row: the class, the modules `auto` trains (in the base's order), the fused ones, the test template's
+    system role; the vLLM column is what test_vllm_serves_every_family_token_for_token_like_hf_peft holds."""
+    table = [[cell.strip() for cell in line.split("|")[1:-1]] for line in DOC.read_text().splitlines()
+             if line.startswith("| ") and "ForCausalLM" in line]
+    expected = []
+    for f in FAMILIES:
+        found = base_modules(bases[f.name])
+        fused = [m for m in found.servable if m in FUSED_MODULES]
+        expected.append([TITLES[f.name], f"`{found.architecture}`", f"`{' '.join(found.servable)}`",
+                         f"`{' '.join(fused)}`" if fused else "none", "yes" if f.takes_system else "no: folded",
+                         "serves, greedy = HF + PEFT"])
+    assert table == expected
+
+
 # -- export ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shared", [False, True], ids=["adapters", "shared"])
@@ -207,3 +233,102 @@ def test_a_chat_template_that_cannot_render_one_user_turn_fails_check_saying_wha
     assert result.exit_code != 0
     assert "chat template cannot render one user message (Conversations must start with an assistant turn); use " \
            "format: plain" in result.output, result.output
+
+
+# -- the matrix: every recipe, PEFT and vLLM on every family --------------------------------------
+
+@pytest.fixture(scope="module")
+def trained_families(bases, tmp_path_factory) -> dict[str, Path]:
+    """Every family through --check, `adapters`, `--one-pass` and `shared` into its own registry: its spec."""
+    specs = {}
+    for f in FAMILIES:
+        folder = tmp_path_factory.mktemp(f"trained-{f.name}")
+        spec = specs[f.name] = family_spec(folder, bases[f.name])
+        for recipe in (("adapters", "--check"), *RECIPES):
+            result = cli(*recipe, "--config", spec, "--registry", folder / "registry", "--output",
+                         folder / "-".join(r.strip("-") for r in recipe))
+            assert result.exit_code == 0, (f.name, recipe, result.output)
+    return specs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NAMES)
+def test_every_recipe_publishes_adapters_naming_exactly_their_weights_on_every_family(trained_families, name):
+    spec = load_spec(trained_families[name])
+    registry = Registry(spec.source.parent / "registry")
+    assert registry.tasks() == ["echo", "yesno"]
+    for task in registry.tasks():
+        records = [registry.read(task, v) for v in registry.versions(task)]
+        assert [r.trained_by for r in records] == ["mtft-train adapters", "mtft-train adapters --one-pass",
+                                                   "mtft-train shared"]
+        for record in records:
+            folder = registry.version_dir(task, record.version)
+            config = json.loads((folder / "adapter_config.json").read_text())
+            assert sorted(config["target_modules"]) == sorted(record.target_modules) == BY_NAME[name].modules
+            assert weight_problems(config, folder / "adapter_model.safetensors") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["gemma2", "phi3", "qwen2"])
+def test_training_and_serving_render_the_same_prompt_with_the_system_text(trained_families, name):
+    """Training's prompts (check_run) equal what serving renders from the published record, system text in."""
+    spec = load_spec(trained_families[name])
+    checked = check_run(spec, RunOptions(output=spec.source.parent / "check", registry=spec.source.parent / "registry"))
+    record = Registry(spec.source.parent / "registry").latest()["echo"]
+    examples = checked.data["echo"].train[:5]
+    assert [render_prompt(record.template, record.prefix, e.input) for e in examples] == [e.prompt for e in examples]
+    assert all(SYSTEM in e.prompt for e in examples)
+
+
+@pytest.mark.slow
+def test_vllm_serves_every_family_token_for_token_like_hf_peft(trained_families, tmp_path):
+    """One vLLM engine per family, in one process: per-task and shared adapters, and the base."""
+    words = ["the quick brown fox", "hello world paris", "a lazy dog jumps"]
+    requests, expected = [], {}
+    for name, spec_path in trained_families.items():
+        spec = load_spec(spec_path)
+        registry = Registry(spec_path.parent / "registry")
+        adapters, prompts = {}, {}
+        for task in registry.tasks():
+            for version, label in ((1, "adapters"), (3, "shared")):
+                record = registry.read(task, version)
+                adapters[f"{task}-{label}"] = str(registry.version_dir(task, version))
+                prompts[f"{task}-{label}"] = [render_prompt(record.template, record.prefix, w) for w in words]
+        prompts["base"] = prompts["echo-adapters"]
+        expected[spec.base_model] = hf_peft_greedy(Path(spec.base_model), adapters, prompts)
+        requests.append({"model": spec.base_model, "adapters": adapters, "prompts": prompts, "max_tokens": NEW_TOKENS})
+    (tmp_path / "request.json").write_text(json.dumps(requests))
+    run = subprocess.run([sys.executable, str(ENGINE), str(tmp_path / "request.json"), str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    served = json.loads((tmp_path / "out.json").read_text())
+    for model, answers in expected.items():
+        assert served[model] == answers, model
+        # The comparison means something only where the adapters change the output.
+        assert any(answers[name] != answers["base"] for name in answers if name != "base"), model
+
+
+@pytest.mark.parametrize("head_dim, refused", [(48, True), (32, False)])
+def test_mtft_serve_refuses_a_base_vllms_cpu_build_cannot_run_before_starting_vllm(tiny_base, tmp_path, head_dim,
+                                                                                   refused):
+    """A head size outside vLLM's CPU attention starts vLLM and then kills it at the first request."""
+    from mtft.serve.plan import cpu_problems
+
+    base = build_family_base(replace(BY_NAME["llama"], extra={"head_dim": head_dim}), tiny_base, tmp_path / "base")
+    problems = cpu_problems(base)
+    assert bool(problems) == refused
+    if refused:
+        assert "attention heads of size 48; vLLM's CPU build serves head sizes [32, 64" in problems[0]
+        run = subprocess.run([str(Path(sys.executable).with_name("mtft-serve")), "--registry", str(tmp_path / "r"),
+                              "--base-model", str(base), "--state-dir", str(tmp_path / "state")],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and "attention heads of size 48" in run.stdout + run.stderr
+        assert not (tmp_path / "state" / "vllm.log").exists()  # refused before any vLLM started
+
+
+def test_the_cpu_head_sizes_are_vllms_own():
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    from mtft.serve.plan import CPU_HEAD_SIZES
+
+    assert list(CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()
