@@ -8,7 +8,7 @@ to vLLM), `client` (one `httpx.AsyncClient` for the control calls: health checks
 loads) and `live` (the live route table and its pool of backends, polled by a background
 loop). The relay is aiohttp's: with it (and plain routes for inference) the router's CPU per
 request fell from 4-5 ms to 1.4-2 ms (bench/router_overhead.py); the control calls are few and keep httpx.
-`RouterApp` then hands the two inference paths to their handlers straight from ASGI, past the
+`RouterApp` then hands the inference paths to their handlers straight from ASGI, past the
 middleware stack and route matching. Every error leaves through one handler in OpenAI's shape,
 with server paths replaced.
 """

@@ -47,6 +47,11 @@ class RouterOptions(BaseModel):
                                 "from which it spills onto one more backend")
     backoff_max_s: float = Field(default=5.0, gt=0, description="longest wait, in seconds, between checks of a "
                                  "backend that is down")
+    model_aliases: list[str] = Field(default_factory=lambda: ["auto", "mtft"], description="`model` names that "
+                                     "let the router choose the task (X-Task, prefix, learned route, default; "
+                                     "repeatable)")
+    route_unknown_models: bool = Field(default=False, description="route a request whose `model` names no task "
+                                       "like an alias instead of answering 404 model_not_found")
     learned_routing: bool = Field(default=True, description="send a request that names no task (model, X-Task, "
                                   "prefix) to the served task its text is most like, learned from the tasks' "
                                   "training inputs (their routing.json); off: such requests take the default")

@@ -1,10 +1,10 @@
 """The router's endpoints, at module level; what they share lives on `app.state` (see `app.py`).
 
-Inference (`/v1/completions`, `/v1/chat/completions`) goes through `inference.infer`;
+Inference (`/v1/completions`, `/v1/chat/completions`, `/v1/responses`) goes through `inference.infer`;
 `/v1/models` lists the tasks a key may use; `/health`, `/ready` and `/metrics` are
 for operators; `/admin/adapters` adds, lists and withdraws adapters while serving.
 Keys are checked first (a dependency), then the body is read within its size limit.
-The two inference endpoints (`INFERENCE`) are plain handlers that `RouterApp` calls straight
+The inference endpoints (`INFERENCE`) are plain handlers that `RouterApp` calls straight
 from ASGI: FastAPI's dependency solving, Starlette's middleware and route matching cost them more
 than the rest of the router's own work (bench/router_overhead.py). They stay registered as
 Starlette routes too, so other methods on their paths are answered as before (405).
@@ -24,6 +24,7 @@ from .errors import APIError, Unavailable
 from .inference import bearer, infer
 from .live import LiveTable
 from .proxy import CHAT, COMPLETIONS
+from .responses import RESPONSES
 from .table import BASE
 
 endpoints = APIRouter()
@@ -64,7 +65,12 @@ async def chat_completions(request: Request) -> Response:
     return await infer(request, CHAT, await read_body(request), allowed)
 
 
-INFERENCE = {COMPLETIONS: completions, CHAT: chat_completions}
+async def responses(request: Request) -> Response:
+    allowed = await allowed_tasks(request)
+    return await infer(request, RESPONSES, await read_body(request), allowed)
+
+
+INFERENCE = {COMPLETIONS: completions, CHAT: chat_completions, RESPONSES: responses}
 for _path, _handler in INFERENCE.items():
     endpoints.add_route(_path, _handler, methods=["POST"])
 

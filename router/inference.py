@@ -17,7 +17,6 @@ with an OpenAI-shaped error event instead of `[DONE]` (the `openai` SDK raises i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -37,7 +36,9 @@ from .errors import APIError, Unavailable
 from .live import LiveTable
 from .metrics import UNROUTED, RequestMetrics
 from .pool import Pool
-from .proxy import Exchange, chat_answer, chat_chunk, exchange, parse, shaped, upstream_error
+from . import responses
+from .proxy import CHAT, Exchange, chat_answer, chat_chunk, exchange, load_json, parse, shaped, upstream_error
+from .responses import RESPONSES
 from .public import Public
 from .table import Route, route
 
@@ -90,9 +91,21 @@ class InFlight:
 
 
 async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str] | None) -> Response:
-    """Answer one completion or chat request (`raw` is its body) as OpenAI would."""
+    """Answer one completion, chat or Responses request (`raw` is its body) as OpenAI would."""
+    asked = None  # a Responses request: what the client sent, answered in that API's shape
+    try:
+        data = load_json(raw)
+        if path == RESPONSES:
+            asked, data, path = data, responses.to_chat(data), CHAT
+        return await _infer(request, path, data, allowed, asked)
+    except APIError as exc:
+        raise responses.renamed(exc, asked) if asked is not None else exc
+
+
+async def _infer(request: Request, path: str, data: dict, allowed: frozenset[str] | None,
+                 asked: dict | None) -> Response:
     state = request.app.state
-    body, wanted = parse(raw, path, request.headers.get("x-task"))
+    body, wanted = parse(data, path, request.headers.get("x-task"))
     # A canary split sticks to the client: OpenAI's `user` field, else the API key, else the text.
     user = (body.model_extra or {}).get("user")
     wanted = replace(wanted, key=user if isinstance(user, str) and user else bearer(request), allowed=allowed)
@@ -115,8 +128,10 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
         if not body.stream:
             answer = orjson.loads(await inflight.upstream.read())
             await inflight.close(200, answer.get("usage"))
-            shown = (chat_answer(answer, answered_by) if call.chat_from_completion
+            shown = (chat_answer(answer, answered_by, call.top_logprobs, call.asked) if call.chat_from_completion
                      else shaped(answer, answered_by, call.asked))
+            if asked is not None:
+                shown = responses.from_chat(shown, asked)
             return Response(orjson.dumps(shown), headers=headers, media_type="application/json")
     except APIError as exc:
         await inflight.close(exc.status, code=exc.code)
@@ -124,8 +139,10 @@ async def infer(request: Request, path: str, raw: bytes, allowed: frozenset[str]
     except Exception:
         await inflight.close(500, code="internal_error")  # what the error handler will answer
         raise
-    return StreamingResponse(_relay(inflight, call, state.live.pool, state.public), media_type="text/event-stream",
-                             headers=headers, background=BackgroundTask(inflight.close, 200))
+    chunks = _relay(inflight, call, state.live.pool, state.public)
+    events = _sse(chunks) if asked is None else _responses_events(chunks, inflight, asked)
+    return StreamingResponse(events, media_type="text/event-stream", headers=headers,
+                             background=BackgroundTask(inflight.close, 200))
 
 
 def bearer(request: Request) -> str | None:
@@ -204,8 +221,9 @@ async def _mapped_error(upstream: aiohttp.ClientResponse, chosen: Route, backend
     return upstream_error(upstream.status, await upstream.read())
 
 
-async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public) -> AsyncIterator[bytes]:
-    """vLLM's server-sent events, reshaped for the client; the usage chunk is kept for the metrics."""
+async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public) -> AsyncIterator[dict | None]:
+    """vLLM's stream reshaped for the client, chunk by chunk: None is `[DONE]`, `{"error": ...}` a stream
+    that broke off. The usage chunk is kept for the metrics."""
     started: set[int] = set()
     try:
         async for line in inflight.upstream.content:  # one line at a time, b"\n" included
@@ -213,7 +231,7 @@ async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public)
                 continue
             data = line[5:].strip()
             if data == b"[DONE]":
-                yield b"data: [DONE]\n\n"
+                yield None
                 continue
             chunk = orjson.loads(data)
             if chunk.get("usage"):
@@ -222,17 +240,40 @@ async def _relay(inflight: InFlight, call: Exchange, pool: Pool, public: Public)
                     if not chunk.get("choices"):
                         continue
                     chunk.pop("usage")
-            chunk = (chat_chunk(chunk, started, inflight.answered_by) if call.chat_from_completion
-                     else shaped(chunk, inflight.answered_by, call.asked))
-            yield b"data: " + orjson.dumps(chunk) + b"\n\n"
+            yield (chat_chunk(chunk, started, inflight.answered_by, call.top_logprobs, call.asked)
+                   if call.chat_from_completion else shaped(chunk, inflight.answered_by, call.asked))
     except (aiohttp.ClientError, TimeoutError) as exc:
         backend = inflight.backend
         if backend is not None:
             pool.failed(backend, f"a stream broke off: {exc!r}")
         await inflight.close(502, code="upstream_failed")
         why = public.scrub(f"the backend failed mid-stream ({exc!r}); the answer is incomplete: ask again")
-        error = {"message": why,
-                 "type": "service_unavailable", "param": None, "code": "upstream_failed"}
-        yield f"data: {json.dumps({'error': error})}\n\n".encode()
+        yield {"error": {"message": why, "type": "service_unavailable", "param": None, "code": "upstream_failed"}}
     finally:
         await inflight.close(200)
+
+
+async def _sse(chunks: AsyncIterator[dict | None]) -> AsyncIterator[bytes]:
+    """Chat and completion streams: each chunk a `data:` event, then `data: [DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield b"data: [DONE]\n\n" if chunk is None else b"data: " + orjson.dumps(chunk) + b"\n\n"
+    finally:
+        await chunks.aclose()
+
+
+async def _responses_events(chunks: AsyncIterator[dict | None], inflight: InFlight, asked: dict) -> AsyncIterator[bytes]:
+    """A Responses stream: its typed events, built from the chat stream (no `[DONE]` in this API)."""
+    events = responses.Events(asked)
+    try:
+        async for chunk in chunks:
+            if chunk is None:
+                for event in events.done(inflight.usage):
+                    yield event
+            elif "error" in chunk:
+                yield events.error(chunk["error"])
+            else:
+                for event in events.chunk(chunk):
+                    yield event
+    finally:
+        await chunks.aclose()

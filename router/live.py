@@ -75,6 +75,8 @@ class LiveTable:
             base_names=frozenset({"base", config.base_name, config.base_model, Public.of(config).base}),
             base_target=config.base_adapter or config.base_model,
             default=config.default,
+            aliases=frozenset(config.model_aliases),
+            route_unknown_models=config.route_unknown_models,
             learned_threshold=config.learned_threshold if config.learned_routing else None,
         )
         self.pool = Pool(config, client)

@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from mtft.registry import render_prompt
 
 from .errors import APIError
+from .fields import CHAT as CHAT_FIELDS
+from .fields import COMPLETION as COMPLETION_FIELDS
+from .fields import SHARED, check, honoured
 from .table import Route, RouteRequest
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
-# Sampling fields a chat request may carry over to the completion it becomes.
-SAMPLING = ("temperature", "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty",
-            "logit_bias", "user", "max_tokens")
 # vLLM-only answer fields, kept when the request set the field that asks for them.
 ASKED_FOR = {"return_token_ids": ("token_ids", "prompt_token_ids"), "prompt_logprobs": ("prompt_logprobs",),
              "kv_transfer_params": ("kv_transfer_params",)}
@@ -72,16 +72,23 @@ class Exchange:
     client_wants_usage: bool
     asked: frozenset[str] = frozenset()
     """vLLM-only answer fields the client asked for (`ASKED_FOR`)."""
+    top_logprobs: int | None = None
+    """chat from a completion: alternatives per token the client asked for; None: no logprobs."""
 
 
-def parse(raw: bytes, path: str, task_header: str | None) -> tuple[CompletionBody | ChatBody, RouteRequest]:
-    """The validated body and what routing looks at (400 for bad JSON or fields)."""
+def load_json(raw: bytes) -> dict:
+    """A request body as a JSON object (400 for anything else)."""
     try:
         data = orjson.loads(raw)  # a few times faster than json's on a request; nesting past 1024 is an error
     except orjson.JSONDecodeError as exc:
         raise APIError(400, f"request body is not JSON: {exc}", "invalid_json") from exc
     if not isinstance(data, dict):
         raise APIError(400, "request body must be a JSON object", "invalid_json")
+    return data
+
+
+def parse(data: dict, path: str, task_header: str | None) -> tuple[CompletionBody | ChatBody, RouteRequest]:
+    """The validated body and what routing looks at (400 for bad fields)."""
     kind = ChatBody if path == CHAT else CompletionBody
     try:
         body = kind.model_validate(data)
@@ -98,32 +105,80 @@ def parse(raw: bytes, path: str, task_header: str | None) -> tuple[CompletionBod
 
 
 def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchange:
+    """The vLLM call for a routed request, after refusing (400) any field it would not honour."""
     sent = body.model_dump(exclude_unset=True)
+    chat = isinstance(body, ChatBody)
+    on_adapter = route.record is not None
+    fields = CHAT_FIELDS if chat else COMPLETION_FIELDS
+    check(sent, fields, on_adapter)
     wants_usage = bool((sent.get("stream_options") or {}).get("include_usage"))
-    asked = frozenset(f for key, fields in ASKED_FOR.items() if sent.get(key) not in (None, False) for f in fields)
-    if route.record is None:
-        # Greedy by default here too: one endpoint, one default (OpenAI's own is 1.0).
-        payload = {"temperature": 0.0, **sent, "model": route.upstream_model}
+    asked = frozenset(f for key, names in ASKED_FOR.items() if sent.get(key) not in (None, False) for f in names)
+    payload = honoured(sent, fields, on_adapter)
+    if not on_adapter:
+        payload = {**_greedy(payload), **payload, "model": route.upstream_model}
         return Exchange(path, _with_usage(payload, body.stream), False, wants_usage, asked)
     record = route.record
-    if isinstance(body, ChatBody):
-        payload = {key: sent[key] for key in SAMPLING if key in sent}
+    if chat:
+        payload = {key: value for key, value in payload.items() if key in SHARED}
         if "max_completion_tokens" in sent and "max_tokens" not in payload:
             payload["max_tokens"] = sent["max_completion_tokens"]
-        payload["prompt"] = render_prompt(record.template, record.prefix, route.text or "")
+        top = _chat_logprobs(sent)
+        payload.pop("logprobs", None)
+        if top is not None:
+            payload["logprobs"] = top
+        payload["prompt"] = render_prompt(record.template, record.prefix, task_input(body.messages, record.prefix))
     else:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         rendered = [render_prompt(record.template, record.prefix, _strip(p, record.prefix)) for p in prompts]
-        payload = {**sent, "prompt": rendered[0] if isinstance(body.prompt, str) else rendered}
+        payload["prompt"] = rendered[0] if isinstance(body.prompt, str) else rendered
+        top = None
     payload["model"] = route.upstream_model
     payload["stream"] = body.stream
     # Defaults are the evaluation's: greedy, the task's answer length and stop strings.
     payload.setdefault("max_tokens", record.max_new_tokens)
-    payload.setdefault("temperature", 0.0)
+    payload.update({**_greedy(payload), **payload})
     if record.stop:
         payload.setdefault("stop", record.stop)
-    chat = isinstance(body, ChatBody)
-    return Exchange(COMPLETIONS, _with_usage(payload, body.stream), chat, wants_usage, frozenset() if chat else asked)
+    return Exchange(COMPLETIONS, _with_usage(payload, body.stream), chat, wants_usage, asked, top)
+
+
+def _greedy(payload: dict) -> dict:
+    """Greedy by default on every route, as the evaluation decodes (OpenAI's own default is 1.0); a request
+    for several answers (`n` > 1) keeps vLLM's default instead, since greedy answers would all be one."""
+    return {"temperature": 0.0} if (payload.get("n") or 1) == 1 else {}
+
+
+def _chat_logprobs(sent: dict) -> int | None:
+    """How many alternatives per token a chat request asked for (0: the chosen token's only); None: no logprobs."""
+    top = sent.get("top_logprobs")
+    if not sent.get("logprobs"):
+        if top is not None:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "invalid_request", "top_logprobs")
+        return None
+    if top is not None and (not isinstance(top, int) or not 0 <= top <= 20):
+        raise APIError(400, f"'top_logprobs' must be an integer from 0 to 20, not {top!r}", "invalid_request",
+                       "top_logprobs")
+    return top or 0
+
+
+def task_input(messages: list[Message], prefix: str) -> str:
+    """The task input of a chat request to a task adapter: its one user message, without the task prefix.
+
+    A task answers one input through the prompt it was trained on, so a system message or earlier
+    turns would be dropped unseen: they are refused instead, naming the message."""
+    for i, message in enumerate(messages):
+        if message.role != "user":
+            raise APIError(400, f"messages[{i}] has role {message.role!r}: a task adapter answers one user "
+                           "message through the prompt it was trained on (its own system text included); "
+                           "send conversations to model 'base'", "unsupported_message", f"messages[{i}]")
+        if isinstance(message.content, list) and any(part.get("type") != "text" for part in message.content):
+            raise APIError(400, f"messages[{i}] has a non-text part: the endpoint serves text only",
+                           "unsupported_message", f"messages[{i}].content")
+    if len(messages) != 1:
+        raise APIError(400, f"{len(messages)} messages: a task adapter answers one user message (the task "
+                       "input); earlier turns would be dropped, so send one turn, or the conversation to "
+                       "model 'base'", "unsupported_message", "messages")
+    return _strip(messages[0].text(), prefix)
 
 
 def _strip(text: str, prefix: str) -> str:
@@ -160,22 +215,26 @@ def _choice(choice: dict, asked: frozenset[str]) -> dict:
     return out
 
 
-def chat_answer(completion: dict, model: str) -> dict:
-    return {
+def chat_answer(completion: dict, model: str, top: int | None = None, asked: frozenset[str] = frozenset()) -> dict:
+    """A completion as the chat completion the client asked for (logprobs in chat's shape)."""
+    out = {
         "id": "chatcmpl-" + str(completion.get("id", "")).removeprefix("cmpl-"),
         "object": "chat.completion",
         "created": completion.get("created", int(time.time())),
         "model": model,
         "choices": [
             {"index": c["index"], "message": {"role": "assistant", "content": c.get("text", "")},
-             "finish_reason": c.get("finish_reason"), "logprobs": None}
+             "finish_reason": c.get("finish_reason"), "logprobs": chat_logprobs(c.get("logprobs"), top),
+             **_asked(c, asked)}
             for c in completion.get("choices", [])
         ],
         "usage": completion.get("usage"),
     }
+    return out | _asked(completion, asked)
 
 
-def chat_chunk(chunk: dict, started: set[int], model: str) -> dict:
+def chat_chunk(chunk: dict, started: set[int], model: str, top: int | None = None,
+               asked: frozenset[str] = frozenset()) -> dict:
     """A completion stream chunk as a chat stream chunk; the first delta of each choice carries the role."""
     choices = []
     for c in chunk.get("choices", []):
@@ -184,12 +243,30 @@ def chat_chunk(chunk: dict, started: set[int], model: str) -> dict:
             started.add(c["index"])
             delta = {"role": "assistant", **delta}
         choices.append({"index": c["index"], "delta": delta, "finish_reason": c.get("finish_reason"),
-                        "logprobs": None})
+                        "logprobs": chat_logprobs(c.get("logprobs"), top), **_asked(c, asked)})
     out = {"id": "chatcmpl-" + str(chunk.get("id", "")).removeprefix("cmpl-"), "object": "chat.completion.chunk",
            "created": chunk.get("created", int(time.time())), "model": model, "choices": choices}
     if chunk.get("usage") is not None:
         out["usage"] = chunk["usage"]
-    return out
+    return out | _asked(chunk, asked)
+
+
+def _asked(data: dict, asked: frozenset[str]) -> dict:
+    return {key: data[key] for key in asked if key in data}
+
+
+def chat_logprobs(logprobs: dict | None, top: int | None) -> dict | None:
+    """Completion logprobs (`tokens`, `token_logprobs`, `top_logprobs` as token -> logprob) in chat's shape:
+    `{"content": [{token, logprob, bytes, top_logprobs: [the `top` most likely, most likely first]}]}`."""
+    if top is None or logprobs is None:
+        return None
+    tops = logprobs.get("top_logprobs") or [None] * len(logprobs.get("tokens") or ())
+    content = []
+    for token, logprob, alternatives in zip(logprobs.get("tokens") or (), logprobs.get("token_logprobs") or (), tops):
+        ranked = sorted((alternatives or {}).items(), key=lambda item: -item[1])[:top]
+        content.append({"token": token, "logprob": logprob, "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(t.encode())} for t, lp in ranked]})
+    return {"content": content, "refusal": None}
 
 
 def upstream_error(status: int, raw: bytes) -> APIError:

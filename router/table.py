@@ -5,7 +5,9 @@ A `RouteTable` is immutable: a hot-add builds a new one and swaps a single
 reference, so a request sees either the old table or the new one, never half.
 
 Order: (a) `model` names a task (`task@vN` pins the served version) or the base
-model; (b) the `X-Task` header; (c) the text starts with a task prefix, the
+model; any other name that is not an alias ('auto', 'mtft': "let the router choose")
+is a 404 `model_not_found`, as OpenAI answers a misspelt model, unless the table routes
+unknown names; (b) the `X-Task` header; (c) the text starts with a task prefix, the
 longest one winning; (d) learned: the served task (among those the key may use)
 whose training inputs the text is most like (`learned.py`), if its score reaches
 the threshold; (e) the configured default (a task or the base model);
@@ -19,6 +21,7 @@ key, else the text): the same client keeps getting the same version.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -31,6 +34,7 @@ from .errors import APIError
 from .learned import LearnedIndex
 
 BASE = "base"
+ALIASES = ("auto", "mtft")
 Match = Literal["model", "version", "header", "prefix", "learned", "default", "base"]
 
 
@@ -62,6 +66,10 @@ class RouteTable:
     """adapter name -> its routing profile (versions published without one have none)."""
     learned_threshold: float | None = None
     """the least learned score that routes; None: learned routing is off."""
+    aliases: frozenset[str] = frozenset(ALIASES)
+    """`model` values that ask the router to choose (X-Task, prefix, learned route, default)."""
+    route_unknown_models: bool = False
+    """route any other unknown `model` like an alias, instead of answering 404."""
     known_tasks: frozenset[str] = frozenset()
     """every task this router has seen in the registry: a `model` naming one that is not served now
     (withdrawn, rejected, removed) asked for that task, so it is never learned-routed to another."""
@@ -154,9 +162,22 @@ class Route:
 
 
 class NotFound(APIError):
-    def __init__(self, what: str, table: RouteTable, param: str | None):
-        super().__init__(404, f"{what}; known tasks: {table.tasks} (or 'base' for the base model)",
-                         "unknown_task", param)
+    def __init__(self, what: str, table: RouteTable, param: str | None, code: str = "unknown_task"):
+        super().__init__(404, f"{what}; known tasks: {table.tasks} (or 'base' for the base model)", code, param)
+
+
+class ModelNotFound(NotFound):
+    """OpenAI's answer to a model it does not have (404 `model_not_found`), with the nearest name if one is close."""
+
+    def __init__(self, model: str, table: RouteTable, what: str | None = None):
+        if what is None and model in table.known_tasks:
+            what = f"task {model!r} is not served now"
+        elif what is None:
+            near = difflib.get_close_matches(model, [*table.tasks, BASE, *table.aliases], n=1, cutoff=0.6)
+            what = f"the model {model!r} does not exist" + (f" (did you mean {near[0]!r}?)" if near else "")
+        choose = " or ".join(repr(a) for a in sorted(table.aliases))
+        super().__init__(f"{what}; {choose} lets the router choose" if choose else what, table, "model",
+                         "model_not_found")
 
 
 def route(request: RouteRequest, table: RouteTable) -> Route:
@@ -170,10 +191,12 @@ def route(request: RouteRequest, table: RouteTable) -> Route:
             task, _, version = model.partition("@")
             record = next((r for r in table.records() if r.task == task and version == f"v{r.version}"), None)
             if record is None:
-                raise NotFound(f"model {model!r} names no served adapter version", table, "model")
+                raise ModelNotFound(model, table, f"model {model!r} names no served adapter version")
             return Route("version", record.name, record, _strip(record, request.text))
         if model in table.base_names:
             return Route("base", table.base_target)
+        if model not in table.aliases and not table.route_unknown_models:
+            raise ModelNotFound(model, table)
     if request.task_header:
         record = table.current.get(request.task_header)
         if record is None:

@@ -25,6 +25,7 @@ from mtft.registry import (
     read_profile,
 )
 from mtft.registry.routing import KEEP, build_profile, featurize
+from mtft.router import APIError
 from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex
 from mtft.router.table import BASE, NotFound, RouteRequest, RouteTable, route
 
@@ -95,12 +96,16 @@ def test_an_empty_index_decides_nothing():
 # -- publishing --------------------------------------------------------------------------------------
 @pytest.fixture
 def adapter_dir(tmp_path) -> Path:
-    """Files publish accepts (it copies them; their bytes only matter to the checksum)."""
+    """Files publish accepts: a config and LoRA weights for exactly the modules it names."""
+    import torch
+    from safetensors.torch import save_file
+
     folder = tmp_path / "adapter"
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps(
         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "bias": "none"}))
-    (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    save_file({f"base_model.model.model.layers.0.self_attn.{m}.lora_{ab}.weight": torch.zeros(8, 8)
+               for m in ("q_proj", "v_proj") for ab in "AB"}, folder / "adapter_model.safetensors")
     return folder
 
 
@@ -366,8 +371,12 @@ def test_a_model_naming_a_task_not_served_now_is_never_learned_routed(profiles):
     table = replace(table_of(profiles, tasks=("ticket", "contact")),
                     known_tasks=frozenset({"ticket", "contact", "isodate"}))
     date = inputs("isodate", "eval")[0]
-    assert route(RouteRequest(model="isodate", text=date), table).matched == "default"  # withdrawn or removed
-    assert route(RouteRequest(model="gpt-4o", text=inputs("ticket", "eval")[0]), table).matched == "learned"
+    with pytest.raises(APIError, match="task 'isodate' is not served now"):  # withdrawn or removed
+        route(RouteRequest(model="isodate", text=date), table)
+    assert route(RouteRequest(model="auto", text=inputs("ticket", "eval")[0]), table).matched == "learned"
+    lenient = replace(table, route_unknown_models=True)
+    assert route(RouteRequest(model="isodate", text=date), lenient).matched == "default"
+    assert route(RouteRequest(model="gpt-4o", text=inputs("ticket", "eval")[0]), lenient).matched == "learned"
 
 
 @pytest.mark.slow

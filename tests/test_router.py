@@ -8,8 +8,8 @@ from helpers import routed_record as record, table
 from mtft.registry import render_prompt
 from mtft.router import APIError, Keys, RouteRequest, RouteTable, route
 from mtft.router import RouterConfig
-from mtft.router.proxy import (CHAT, COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_chunk, exchange, parse,
-                               shaped)
+from mtft.router.proxy import (CHAT, COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_chunk, exchange,
+                               load_json, parse, shaped)
 from mtft.router.public import Public, public_name
 
 
@@ -19,9 +19,9 @@ from mtft.router.public import Public, public_name
     (RouteRequest(model="yesno@v2", text="is it?"), "version", "yesno-v2", "is it?"),
     (RouteRequest(model="base", text="yesno: is it?"), "base", "mtft-base-zero", None),
     (RouteRequest(model="tiny", text="hello"), "base", "mtft-base-zero", None),
-    (RouteRequest(model="gpt-4", task_header="yesno", text="is it?"), "header", "yesno-v2", "is it?"),
+    (RouteRequest(model="auto", task_header="yesno", text="is it?"), "header", "yesno-v2", "is it?"),
     (RouteRequest(model="yesno", task_header="summarize", text="x"), "model", "yesno-v2", "x"),
-    (RouteRequest(model="gpt-4", text="yesno: is it?"), "prefix", "yesno-v2", "is it?"),
+    (RouteRequest(model="mtft", text="yesno: is it?"), "prefix", "yesno-v2", "is it?"),
     (RouteRequest(text="summarize: long text"), "prefix", "summarize-v1", "long text"),
     (RouteRequest(text="summarize: de: langer Text"), "prefix", "summarize-de-v3", "langer Text"),
 ])
@@ -30,17 +30,45 @@ def test_route_rules_in_order(request_, matched, upstream, text):
     assert (chosen.matched, chosen.upstream_model, chosen.text) == (matched, upstream, text)
 
 
-@pytest.mark.parametrize(("request_", "param"), [
-    (RouteRequest(model="gpt-4", text="no prefix"), "model"),
-    (RouteRequest(model="yesno@v1", text="old version"), "model"),
-    (RouteRequest(model="nope@v1"), "model"),
-    (RouteRequest(task_header="nope", text="yesno: x"), None),
-    (RouteRequest(text="Yesno: prefixes are case-sensitive"), "model"),
+@pytest.mark.parametrize(("request_", "param", "code"), [
+    (RouteRequest(model="gpt-4", text="yesno: a prefix does not rescue an unknown model"), "model", "model_not_found"),
+    (RouteRequest(model="yesno@v1", text="old version"), "model", "model_not_found"),
+    (RouteRequest(model="nope@v1"), "model", "model_not_found"),
+    (RouteRequest(task_header="nope", text="yesno: x"), None, "unknown_task"),
+    (RouteRequest(model="auto", text="no prefix"), "model", "unknown_task"),
+    (RouteRequest(text="Yesno: prefixes are case-sensitive"), "model", "unknown_task"),
 ])
-def test_unroutable_requests_are_404_listing_the_tasks(request_, param):
+def test_unroutable_requests_are_404_listing_the_tasks(request_, param, code):
     with pytest.raises(APIError, match=r"known tasks: \['summarize', 'summarize-de', 'yesno'\]") as caught:
         route(request_, table())
-    assert (caught.value.status, caught.value.code, caught.value.param) == (404, "unknown_task", param)
+    assert (caught.value.status, caught.value.code, caught.value.param) == (404, code, param)
+
+
+@pytest.mark.parametrize(("model", "hint"), [
+    ("yesn", "did you mean 'yesno'?"),
+    ("summarise", "did you mean 'summarize'?"),
+    ("gpt-4", "does not exist; 'auto' or 'mtft' lets the router choose"),
+])
+def test_a_misspelt_model_is_model_not_found_naming_the_nearest_task(model, hint):
+    with pytest.raises(APIError, match=hint) as caught:
+        route(RouteRequest(model=model, text="yesno: x"), table())
+    assert (caught.value.status, caught.value.code, caught.value.param) == (404, "model_not_found", "model")
+
+
+def test_a_withdrawn_task_named_as_model_is_not_served_now():
+    withdrawn = RouteTable(current=table().current, known_tasks=frozenset({"old", "yesno"}))
+    with pytest.raises(APIError, match="task 'old' is not served now") as caught:
+        route(RouteRequest(model="old", text="yesno: x"), withdrawn)
+    assert caught.value.code == "model_not_found"
+
+
+def test_unknown_models_route_like_aliases_where_the_table_says_so():
+    lenient = RouteTable(current=table().current, route_unknown_models=True)
+    assert route(RouteRequest(model="gpt-4", text="yesno: is it?"), lenient).matched == "prefix"
+    custom = RouteTable(current=table().current, aliases=frozenset({"router"}))
+    assert route(RouteRequest(model="router", text="yesno: is it?"), custom).matched == "prefix"
+    with pytest.raises(APIError, match="'router' lets the router choose"):
+        route(RouteRequest(model="auto", text="yesno: is it?"), custom)
 
 
 def test_default_route_is_a_task_or_the_base_model():
@@ -83,12 +111,10 @@ def test_a_task_route_is_rendered_with_the_records_template_and_evaluation_defau
     assert call.payload["prompt"] == render_prompt(chosen.record.template, "yesno: ", "is it?")
 
 
-def test_a_chat_request_to_a_task_becomes_a_completion_of_the_last_user_message():
+def test_a_chat_request_to_a_task_becomes_a_completion_of_its_user_message():
     body = ChatBody.model_validate({"model": "yesno", "stream": True, "max_completion_tokens": 2, "top_p": 0.5,
-                                    "messages": [{"role": "user", "content": "yesno: first"},
-                                                 {"role": "assistant", "content": "no"},
-                                                 {"role": "user", "content": [{"type": "text", "text": "yesno: is it?"}]}]})
-    body, wanted = parse(body.model_dump_json().encode(), CHAT, None)
+                                    "messages": [{"role": "user", "content": [{"type": "text", "text": "yesno: is it?"}]}]})
+    body, wanted = parse(load_json(body.model_dump_json().encode()), CHAT, None)
     call = exchange(body, CHAT, route(wanted, table()))
     assert (call.path, call.chat_from_completion, call.client_wants_usage) == (COMPLETIONS, True, False)
     assert call.payload == {"model": "yesno-v2", "prompt": "yesno: is it?\nA:", "stream": True, "max_tokens": 2,
@@ -196,5 +222,5 @@ def test_server_paths_are_scrubbed_from_any_text(tmp_path):
 @pytest.mark.parametrize("raw", [b"{not json", b'{"prompt": "\xff"}', b"[" * 100_000 + b"]" * 100_000, b"[1]", b""])
 def test_a_body_that_is_no_json_object_is_a_400(raw):
     with pytest.raises(APIError, match="request body") as caught:
-        parse(raw, COMPLETIONS, None)
+        load_json(raw)
     assert (caught.value.status, caught.value.code) == (400, "invalid_json")

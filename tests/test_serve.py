@@ -22,7 +22,7 @@ def complete(client: openai.OpenAI, prompt: str, model: str = "mtft", **kwargs) 
 
 
 def test_completion_routed_by_prefix_reports_the_route(client):
-    raw = client.completions.with_raw_response.create(model="anything", prompt="yesno: the quick brown fox")
+    raw = client.completions.with_raw_response.create(model="auto", prompt="yesno: the quick brown fox")
     assert raw.parse().choices[0].text
     assert (raw.headers["x-mtft-task"], raw.headers["x-mtft-adapter"], raw.headers["x-mtft-route"]) == (
         "yesno", "yesno-v1", "prefix")
@@ -31,8 +31,8 @@ def test_completion_routed_by_prefix_reports_the_route(client):
 @pytest.mark.parametrize(("model", "headers", "prompt", "route"), [
     ("yesno", {}, "the quick brown fox", "model"),
     ("yesno@v1", {}, "the quick brown fox", "version"),
-    ("anything", {"X-Task": "yesno"}, "the quick brown fox", "header"),
-    ("anything", {}, "yesno: the quick brown fox", "prefix"),
+    ("auto", {"X-Task": "yesno"}, "the quick brown fox", "header"),
+    ("auto", {}, "yesno: the quick brown fox", "prefix"),
 ])
 def test_every_routing_rule_gives_the_same_answer(client, model, headers, prompt, route):
     by_prefix = complete(client, "yesno: the quick brown fox")
@@ -48,8 +48,7 @@ def test_streamed_completion_equals_unstreamed(client):
 
 
 def test_chat_routed_to_a_task_answers_in_chat_shape_streamed_and_not(client):
-    messages = [{"role": "system", "content": "ignored: the task has its own template"},
-                {"role": "user", "content": "echo: hello world paris"}]
+    messages = [{"role": "user", "content": "echo: hello world paris"}]
     answer = client.chat.completions.create(model="mtft", messages=messages)
     assert answer.object == "chat.completion"
     assert answer.choices[0].message.role == "assistant"
@@ -153,7 +152,7 @@ def test_models_lists_tasks_with_their_adapter_versions(client):
 def test_unknown_task_is_a_404_listing_the_tasks(client):
     with pytest.raises(openai.NotFoundError) as caught:
         complete(client, "no prefix here", model="nope")
-    assert caught.value.body["code"] == "unknown_task"
+    assert caught.value.body["code"] == "model_not_found"
     assert "yesno" in caught.value.body["message"] and "echo" in caught.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         complete(client, "hello", extra_headers={"X-Task": "nope"})
