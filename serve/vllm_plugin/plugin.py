@@ -29,8 +29,8 @@ ENTRY_POINT = "mtft_cpu_lora"  # its name in pyproject.toml's vllm.general_plugi
 ENV = "MTFT_VLLM_CPU_LORA_OPS"
 # kernel: the fused layout multiplied by the compiled kernel (lora_kernel.cpp) for small batches;
 # fused: the same layout in torch, one shrink and one expand per layer (fused.py), where the kernel
-# is not built; grouped: the grouped ops alone (the plugin before fusing). Each keeps the ones
-# before it for the batches it does not take, and all compare side by side in `make bench`.
+# is not built; grouped: the grouped ops alone (`lora_ops`), for every batch. Each hands the
+# batches it does not take to the next, and all compare side by side in `make bench`.
 KERNEL, FUSED, GROUPED, OFF = "kernel", "fused", "grouped", "off"
 ENV_VALUES = {"1": KERNEL, "on": KERNEL, "true": KERNEL, "kernel": KERNEL, "fused": FUSED, "grouped": GROUPED,
               "0": OFF, "off": OFF, "false": OFF}
@@ -136,7 +136,8 @@ def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacke
                               **kwargs)
         return
     cache = self.__dict__.setdefault("_mtft_stacked", {})
-    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices)
+    dtype = kernel.weight_dtype(x2.dtype, lora_a_stacked[0].dtype)
+    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices, dtype)
     kernel.lora_linear(y2[:rows], x2[:rows], weights, slots, output_slices, scale)
 
 
@@ -145,8 +146,8 @@ def skipping_add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stac
     """`PunicaWrapperCPU.add_lora_logits`, skipped while no slot holds LM-head weights.
 
     vLLM wraps the LM head for LoRA whatever the adapters train, and its shrink and expand over
-    the 49,152-wide logits cost 2-13 ms per decode step of SmolLM2-135M for a delta of exactly
-    zero when no adapter has `lm_head` weights (vLLM then zeroes its slot). Whether any slot is
+    the vocabulary-wide logits are a large share of a small model's decode step, for a delta of
+    exactly zero when no adapter has `lm_head` weights (vLLM then zeroes its slot). Whether any slot is
     nonzero is looked up once per write of the slot tensor (its version), not per step."""
     if _per_version(self, "_mtft_head", lora_b_stacked, lambda: bool(lora_b_stacked.any())):
         return _vllm_ops[LOGITS](self, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
