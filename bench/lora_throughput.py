@@ -57,9 +57,6 @@ RANK = 8
 ADAPTERS = 8
 TRAFFIC = {"base": 0, "1 adapter": 1, "3 adapters": 3, "8 adapters": 8}
 MODES = ("off", "grouped", "fused", "kernel")  # vllm_plugin.OFF, GROUPED, FUSED, KERNEL (not imported before vLLM)
-# The kernel with fp32 slot weights even beside bf16 rows on an AVX-512-bf16 CPU: what its bf16
-# weights gain, side by side (--modes ...,kernel-fp32-weights; not a serving mode).
-KERNEL_FP32 = "kernel-fp32-weights"
 
 
 @dataclass(frozen=True)
@@ -133,7 +130,6 @@ def measure(llm, phase: Phase, adapters: int, loras: list, requests: int, vocab:
 
 def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: int,
                 phases: list[str], traffic: list[str], modes: list[str], profile: bool = False) -> list:
-    import torch
     from transformers import AutoConfig
     from vllm import LLM
     from vllm.lora.request import LoRARequest
@@ -151,16 +147,10 @@ def bench_model(model: Model, scratch: Path, requests: dict[str, int], repeats: 
     loras = [LoRARequest(f"adapter-{i}", i + 1, str(path)) for i, path in enumerate(paths)]
     rng = random.Random(0)
     warm = Phase("warm-up", 8, 2, False)
-    from mtft.serve.vllm_plugin import kernel
-
-    weight_dtype = kernel.weight_dtype
-
     def switch(mode: str) -> None:
-        kernel.weight_dtype = (lambda rows, slots: torch.float32) if mode == KERNEL_FP32 else weight_dtype
-        mode = vllm_plugin.KERNEL if mode == KERNEL_FP32 else mode
         vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
 
-    for mode in dict.fromkeys([*MODES, *modes]):  # loads all 8 adapters into their slots (and the fused path's copies)
+    for mode in MODES:  # loads all 8 adapters into their slots (and the fused path's copies)
         switch(mode)
         measure(llm, warm, ADAPTERS, loras, 2 * ADAPTERS, vocab, rng)
     if profile:
@@ -317,8 +307,7 @@ def main() -> None:
                         help="runs per cell: best of them, and the median of each run's ratio to its round's base cell")
     parser.add_argument("--phases", default="decode,prefill", help="comma-separated subset of decode, prefill")
     parser.add_argument("--traffic", default=",".join(TRAFFIC), help=f"comma-separated subset of {', '.join(TRAFFIC)}")
-    parser.add_argument("--modes", default=",".join(MODES),
-                        help=f"comma-separated subset of {', '.join(MODES)}, {KERNEL_FP32}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {', '.join(MODES)}")
     parser.add_argument("--profile", action="store_true",
                         help="only the profile: where each ms of a decode step goes (section B1-decode-profile)")
     parser.add_argument("--no-profile", action="store_true", help="only the table")
@@ -329,7 +318,7 @@ def main() -> None:
     dtype = args.dtype if args.dtype != "auto" else vllm_dtype("auto")[0]
     models = {"tiny": Model("tiny", "float32", 512), "smollm2-135m": Model("smollm2-135m", dtype, 1024)}
     for option, valid in (("models", models), ("phases", [p.name for p in PHASES]), ("traffic", TRAFFIC),
-                          ("modes", (*MODES, KERNEL_FP32))):
+                          ("modes", MODES)):
         unknown = set(getattr(args, option).split(",")) - set(valid)
         if unknown:
             parser.error(f"unknown --{option} {sorted(unknown)}; valid: {', '.join(valid)}")
@@ -402,7 +391,7 @@ def profile(model: Model, requests: int) -> None:
 
 def _row_order(row) -> tuple:
     model, phase, traffic, mode, *_ = row
-    return model, phase, list(TRAFFIC).index(traffic), (*MODES, KERNEL_FP32).index(mode)
+    return model, phase, list(TRAFFIC).index(traffic), MODES.index(mode)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import replace
 
 import pytest
 import torch
@@ -311,13 +310,8 @@ def layer_weights(slots: int, width_in: int, output_slices, dtype, seed: int, ra
             tuple(random_weights(slots, size, rank, dtype, g) for size in output_slices))
 
 
-# (activations' dtype, path): the kernel takes bf16 slot weights beside bf16 rows ("kernel, bf16 weights":
-# vdpbf16ps where the CPU has AVX-512-bf16, fp32 arithmetic on the same bf16 values elsewhere).
-PATHS = [(torch.float32, "torch"), (torch.float32, "kernel"), (torch.bfloat16, "torch"), (torch.bfloat16, "kernel"),
-         (torch.bfloat16, "kernel, bf16 weights")]
-
-
-@pytest.mark.parametrize("dtype,path", PATHS, ids=[f"{'bf16' if d == torch.bfloat16 else 'fp32'}-{p}" for d, p in PATHS])
+@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
 def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots, rank, hidden, seed, layer, dtype,
@@ -333,8 +327,8 @@ def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots,
         assert batch is None  # the grouped ops take these (tested above), in the kernel's mode too
         return
     new, vllm = before.clone(), before.clone()
-    weights = fused.stacked({}, lora_a, lora_b, output_slices, dtype if path == "kernel, bf16 weights" else torch.float32)
-    if path.startswith("kernel"):  # every batch the torch path takes
+    weights = fused.stacked({}, lora_a, lora_b, output_slices)
+    if path == "kernel":  # every batch the torch path takes
         kernel.load()
         kernel.lora_linear(new, x, weights, token_slots(segments), output_slices, 1.0)
     else:
@@ -517,9 +511,6 @@ def test_a_kernel_build_is_kept_per_source_torch_and_cpu(monkeypatch):
         y, x, w, torch.tensor([0, 1]), (48, 16), 1.0), "weight shapes do not match"),
     ("too few slots for the rows", lambda y, x, w: kernel.lora_linear(
         y, x, w, torch.tensor([0]), (48, 16, 16), 1.0), "one entry per row of x"),
-    ("bf16 weights beside fp32 rows", lambda y, x, w: kernel.lora_linear(
-        y, x, replace(w, a=w.a.bfloat16(), b=w.b.bfloat16()), torch.tensor([0, 1]), (48, 16, 16), 1.0),
-     "bfloat16 beside bfloat16 activations; they are BFloat16 and BFloat16 for Float"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call, match):
     kernel.load()
@@ -546,15 +537,14 @@ def test_mtft_serve_prepares_the_kernel_before_vllm_starts_and_never_fails_on_it
     assert vllm_plugin.prepare().startswith("no compiled LoRA kernel needed")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16 weights"])
-def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several(dtype):
+def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several():
     # Rows are split over torch's intra-op threads; each row is one thread's, so the split must not
     # change a bit of the result (and no row may be skipped or done twice).
     kernel.load()
-    lora_a, lora_b = layer_weights(8, 48, (80, 80), dtype, seed=11)
-    weights = fused.stacked({}, lora_a, lora_b, (80, 80), dtype)
+    lora_a, lora_b = layer_weights(8, 48, (80, 80), torch.float32, seed=11)
+    weights = fused.stacked({}, lora_a, lora_b, (80, 80))
     slots = torch.tensor([(i * 3) % 9 - 1 for i in range(64)])  # every slot and -1, interleaved
-    x, before = torch.randn(64, 48).to(dtype), torch.randn(64, 160).to(dtype)
+    x, before = torch.randn(64, 48), torch.randn(64, 160)
     threads = torch.get_num_threads()
     out = {}
     try:
@@ -566,20 +556,3 @@ def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several(dtype
         torch.set_num_threads(threads)
     assert torch.equal(out[1], out[2]) and torch.equal(out[1], out[4])
     assert torch.equal(out[1][slots < 0], before[slots < 0]) and not torch.equal(out[1], before)
-
-
-@pytest.mark.parametrize(("rows", "slot_weights", "flags", "expected"), [
-    (torch.bfloat16, torch.bfloat16, "avx512f avx512_bf16", torch.bfloat16),
-    (torch.bfloat16, torch.bfloat16, "avx2 fma", torch.float32),  # no native bf16: fp32 arithmetic is faster
-    (torch.bfloat16, torch.float32, "avx512f avx512_bf16", torch.float32),  # a bf16 copy would round them
-    (torch.float32, torch.float32, "avx512f avx512_bf16", torch.float32),
-])
-def test_the_kernel_takes_bf16_weights_only_beside_bf16_rows_on_a_cpu_with_avx512_bf16(
-        monkeypatch, rows, slot_weights, flags, expected):
-    monkeypatch.setattr(kernel, "_cpu_flags", lambda: flags)
-    kernel._native_bf16.cache_clear()
-    try:
-        assert kernel.weight_dtype(rows, slot_weights) == expected
-    finally:
-        monkeypatch.undo()
-        kernel._native_bf16.cache_clear()

@@ -44,16 +44,15 @@ class Stacked:
 
     @classmethod
     def of(cls, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-           output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Stacked:
-        """From vLLM's per-slice (slots, 1, rank, in) A and (slots, 1, out, rank) B tensors, in `dtype`
-        (bf16 only for the compiled kernel beside bf16 slot weights: the copy is then exact)."""
+           output_slices: tuple[int, ...]) -> Stacked:
+        """From vLLM's per-slice (slots, 1, rank, in) A and (slots, 1, out, rank) B tensors."""
         slots, _, rank, _ = lora_a[0].shape
         block, width = rank * len(lora_a), sum(output_slices)
-        a = torch.cat([t[:, 0].to(dtype) for t in lora_a], dim=1)
-        b = torch.zeros(slots, block, width, dtype=dtype)
+        a = torch.cat([t[:, 0].float() for t in lora_a], dim=1)
+        b = torch.zeros(slots, block, width)
         for i, (t, offset, size) in enumerate(zip(lora_b, accumulate((0, *output_slices)), output_slices)):
             columns = min(size, t.shape[2])  # vLLM's ops write the columns both have (padding differs)
-            b[:, i * rank : (i + 1) * rank, offset : offset + columns] = t[:, 0, :columns].to(dtype).transpose(1, 2)
+            b[:, i * rank : (i + 1) * rank, offset : offset + columns] = t[:, 0, :columns].float().transpose(1, 2)
         return cls(a.reshape(slots * block, -1), b.reshape(slots * block, width), block, rank, width,
                    _versions(lora_a, lora_b))
 
@@ -63,12 +62,12 @@ def _versions(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
 
 
 def stacked(cache: dict, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-            output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Stacked:
+            output_slices: tuple[int, ...]) -> Stacked:
     """The layer's `Stacked` from `cache`, rebuilt when vLLM wrote any of its slot tensors."""
-    key = (id(lora_a[0]), dtype)
+    key = id(lora_a[0])
     entry = cache.get(key)
     if entry is None or entry[0] is not lora_a[0] or entry[1].versions != _versions(lora_a, lora_b):
-        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices, dtype))
+        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices))
     return entry[1]
 
 

@@ -12,7 +12,6 @@ the plugin says so in one log line. `python -m mtft.serve.vllm_plugin` builds it
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import platform
@@ -95,18 +94,6 @@ def load() -> None:
     except OSError as error:
         raise KernelError(f"the mtft LoRA kernel at {path} does not load ({error}): remove it and {BUILD_HINT}") from error
     _loaded = str(path)
-
-
-def weight_dtype(activations: torch.dtype, slot_weights: torch.dtype) -> torch.dtype:
-    """The stacked weights' dtype for the kernel: bf16 where the rows and vLLM's slot weights are bf16 and
-    the CPU has AVX-512-bf16 (dot products on bf16 pairs, half the weight bytes, an exact copy); else fp32."""
-    bf16 = activations == torch.bfloat16 and slot_weights == torch.bfloat16 and _native_bf16()
-    return torch.bfloat16 if bf16 else torch.float32
-
-
-@functools.cache
-def _native_bf16() -> bool:
-    return "avx512_bf16" in _cpu_flags().split()
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, slots: torch.Tensor, sizes: tuple[int, ...],

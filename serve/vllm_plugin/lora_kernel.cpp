@@ -8,33 +8,16 @@
 // slot's weights stay in cache, and only the slices' own columns are multiplied (the block-diagonal
 // zeros are skipped). Rows with slot -1 are not touched: exactly zero delta, as the torch path.
 // Sums are fp32 whatever the activations' dtype (fp32, bf16 or fp16), as the torch path's.
-// The slot weights are fp32, or bf16 beside bf16 activations: on a CPU with AVX-512-bf16 the
-// shrink's dot products then run on bf16 pairs with fp32 accumulation (vdpbf16ps), reading half the
-// weight bytes and never converting the row; the expand widens bf16 weights to fp32 as it goes.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <cstdint>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
-
 namespace {
-
-inline float widen(float v) { return v; }
-inline float widen(c10::BFloat16 v) {
-  uint32_t bits = static_cast<uint32_t>(v.x) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
 
 // low[k] = scale * a[k] . x for k < block: four of A's rows per pass over x, so each load of x
 // serves four products (block is a multiple of the rank; a tail of 1-3 rows is done singly).
@@ -62,50 +45,6 @@ inline void shrink(const float* a, const float* x, int64_t in, int64_t block, fl
   }
 }
 
-#if defined(__AVX512BF16__)
-// The shrink on bf16 pairs: 32 products per instruction, four of A's rows per pass over x.
-inline __m512 dot_step(__m512 sum, const c10::BFloat16* a, __m512i xv, __mmask32 mask) {
-  return _mm512_dpbf16_ps(sum, (__m512bh)_mm512_maskz_loadu_epi16(mask, a), (__m512bh)xv);
-}
-
-inline void shrink(const c10::BFloat16* a, const c10::BFloat16* x, int64_t in, int64_t block, float scale,
-                   float* low) {
-  int64_t k = 0;
-  for (; k < block; k += 4) {
-    const int64_t rows = block - k < 4 ? block - k : 4;
-    __m512 sums[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    for (int64_t i = 0; i < in; i += 32) {
-      const __mmask32 mask = in - i >= 32 ? ~__mmask32(0) : static_cast<__mmask32>((1u << (in - i)) - 1);
-      const __m512i xv = _mm512_maskz_loadu_epi16(mask, x + i);
-      for (int64_t r = 0; r < rows; ++r) sums[r] = dot_step(sums[r], a + (k + r) * in + i, xv, mask);
-    }
-    for (int64_t r = 0; r < rows; ++r) low[k + r] = scale * _mm512_reduce_add_ps(sums[r]);
-  }
-}
-#endif
-
-// The same for weights and rows of other types, widened to fp32 as they are read.
-template <typename W, typename X>
-inline void shrink(const W* a, const X* x, int64_t in, int64_t block, float scale, float* low) {
-  for (int64_t k = 0; k < block; ++k) {
-    const W* ak = a + k * in;
-    float s = 0.f;
-#pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < in; ++i) s += widen(ak[i]) * widen(x[i]);
-    low[k] = scale * s;
-  }
-}
-
-// out[j] += sum_q c[q] * b[q * width + j] for j < size, bf16 weights widened as they are read.
-inline void expand(const c10::BFloat16* b, const float* c, int64_t rank, int64_t width, int64_t size, float* out) {
-  for (int64_t q = 0; q < rank; ++q) {
-    const c10::BFloat16* bq = b + q * width;
-    const float cq = c[q];
-#pragma omp simd
-    for (int64_t j = 0; j < size; ++j) out[j] += cq * widen(bq[j]);
-  }
-}
-
 // out[j] += sum_q c[q] * b[q * width + j] for j < size: four ranks per pass over out.
 inline void expand(const float* b, const float* c, int64_t rank, int64_t width, int64_t size, float* out) {
   int64_t q = 0;
@@ -123,9 +62,8 @@ inline void expand(const float* b, const float* c, int64_t rank, int64_t width, 
   }
 }
 
-// T: the activations' type; W: the slot weights' (float, or T itself where T is bf16).
-template <typename T, typename W>
-void lora_rows(at::Tensor& y, const at::Tensor& x, const W* a, const W* bt,
+template <typename T>
+void lora_rows(at::Tensor& y, const at::Tensor& x, const float* a, const float* bt,
                const std::vector<int64_t>& order, const std::vector<int64_t>& slot_of, int64_t rank,
                const std::vector<int64_t>& sizes, int64_t width, float scale) {
   const int64_t in = x.size(1), block = rank * static_cast<int64_t>(sizes.size());
@@ -140,14 +78,16 @@ void lora_rows(at::Tensor& y, const at::Tensor& x, const W* a, const W* bt,
     for (int64_t n = begin; n < end; ++n) {
       const int64_t row = order[n], slot = slot_of[n];
       const T* xr = x_data + row * x_stride;
-      if constexpr (std::is_same_v<W, T>) {  // fp32 weights and rows, or bf16 weights and rows
-        shrink(a + slot * block * in, xr, in, block, scale, low.data());
-      } else {  // fp32 weights, narrower rows: widened once, not once per rank
+      const float* xv = nullptr;
+      if constexpr (std::is_same_v<T, float>) {
+        xv = xr;
+      } else {
         for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(xr[i]);
-        shrink(a + slot * block * in, static_cast<const float*>(xf.data()), in, block, scale, low.data());
+        xv = xf.data();
       }
+      shrink(a + slot * block * in, xv, in, block, scale, low.data());
       std::fill(acc.begin(), acc.end(), 0.f);
-      const W* b_slot = bt + slot * block * width;
+      const float* b_slot = bt + slot * block * width;
       for (size_t s = 0; s < sizes.size(); ++s) {
         const int64_t first = static_cast<int64_t>(s) * rank;
         expand(b_slot + first * width + offsets[s], low.data() + first, rank, width, sizes[s], acc.data() + offsets[s]);
@@ -159,7 +99,7 @@ void lora_rows(at::Tensor& y, const at::Tensor& x, const W* a, const W* bt,
 }
 
 // y (rows_y >= rows, >= width columns) and x (rows, in): same dtype, unit column stride.
-// a (slots * block, in) and bt (slots * block, width): contiguous, fp32 (any x) or bf16 (bf16 x). slots: one per row of x
+// a (slots * block, in) and bt (slots * block, width): fp32, contiguous. slots: one per row of x
 // (int64, -1 = no adapter). sizes: the layer's output slices (q, k, v or gate, up or one).
 void lora_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
                  const at::Tensor& slots, int64_t rank, c10::IntArrayRef sizes, double scale) {
@@ -167,11 +107,8 @@ void lora_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const a
               "mtft lora_linear: x and y must be 2-D with unit column stride");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "mtft lora_linear: x is ", x.scalar_type(), ", y is ",
               y.scalar_type());
-  const bool bf16_weights = a.scalar_type() == at::kBFloat16;
-  TORCH_CHECK((a.scalar_type() == at::kFloat || (bf16_weights && x.scalar_type() == at::kBFloat16)) &&
-                  bt.scalar_type() == a.scalar_type() && a.is_contiguous() && bt.is_contiguous(),
-              "mtft lora_linear: stacked weights must be contiguous float32, or bfloat16 beside bfloat16 "
-              "activations; they are ", a.scalar_type(), " and ", bt.scalar_type(), " for ", x.scalar_type());
+  TORCH_CHECK(a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat && a.is_contiguous() &&
+                  bt.is_contiguous(), "mtft lora_linear: stacked weights must be contiguous float32");
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) >= x.size(0),
               "mtft lora_linear: slots must be int64 with one entry per row of x");
   const int64_t block = rank * static_cast<int64_t>(sizes.size());
@@ -202,14 +139,9 @@ void lora_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const a
   }
   if (order.empty()) return;
   const std::vector<int64_t> slice_sizes(sizes.begin(), sizes.end());
-  const float s = static_cast<float>(scale);
-  if (bf16_weights) {
-    return lora_rows<c10::BFloat16, c10::BFloat16>(y, x, a.const_data_ptr<c10::BFloat16>(),
-                                                   bt.const_data_ptr<c10::BFloat16>(), order, slot_of, rank,
-                                                   slice_sizes, width, s);
-  }
   const float* a_ptr = a.const_data_ptr<float>();
   const float* b_ptr = bt.const_data_ptr<float>();
+  const float s = static_cast<float>(scale);
   switch (x.scalar_type()) {
     case at::kFloat: return lora_rows<float>(y, x, a_ptr, b_ptr, order, slot_of, rank, slice_sizes, width, s);
     case at::kBFloat16:

@@ -136,8 +136,7 @@ def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacke
                               **kwargs)
         return
     cache = self.__dict__.setdefault("_mtft_stacked", {})
-    dtype = kernel.weight_dtype(x2.dtype, lora_a_stacked[0].dtype)
-    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices, dtype)
+    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices)
     kernel.lora_linear(y2[:rows], x2[:rows], weights, slots, output_slices, scale)
 
 
