@@ -84,7 +84,7 @@ async def _lifespan(app: FastAPI):
         app.state.client = client
         app.state.upstream = upstream
         app.state.live = LiveTable(config, client)
-        backend_metrics = BackendMetrics(app.state.live.pool)
+        backend_metrics = BackendMetrics(app.state.live)
         app.state.metrics.registry.register(backend_metrics)
         poller = asyncio.create_task(app.state.live.run())
         try:

@@ -84,6 +84,7 @@ class LiveTable:
         self.scanned = False
         self.rejected: dict[tuple[str, int], Rejection] = {}
         self.withdrawn: dict[str, int] = {}
+        self.went_live: Counter[tuple[str, str]] = Counter()  # (task, adapter) -> times it went live (/metrics)
         self._rollouts: dict[str, Rollout] = {}  # as last read, per task
         self.inflight: Counter[str] = Counter()
         self.retiring: set[str] = set()
@@ -214,6 +215,8 @@ class LiveTable:
 
     def _swap(self, table: RouteTable) -> None:
         """One reference swap; the pinned set follows the pinned tasks' current versions (and canaries)."""
+        serving = {r.name for r in self.table.records()}
+        self.went_live.update((r.task, r.name) for r in table.records() if r.name not in serving)
         self.table = table
         pinned = {r.name for r in table.records() if r.task in self.config.pin}
         self.pool.pinned = frozenset(pinned | {self.config.base_adapter} - {None})

@@ -4,17 +4,23 @@
 One `CollectorRegistry` per app (no process-global collectors), so two
 routers in one test process do not collide. Backend metrics are read from the
 pool at scrape time and labelled by backend URL only, so their label set stays
-as small as the pool however many adapters are served.
+as small as the pool however many adapters are served. What the live route table
+serves is read at scrape time too: each serving version's share of its task's
+requests (the canary split as set) and the count of versions that went live
+(hot-adds: a new task, a new version, a canary, a rollback).
+deploy/observability/ holds a Grafana dashboard over these series.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from .pool import Pool
+if TYPE_CHECKING:
+    from .live import LiveTable
 
 UNROUTED = "-"
 
@@ -70,12 +76,30 @@ class RequestMetrics:
 
 
 class BackendMetrics:
-    """A collector: each backend's health, requests in flight and served, adapters loaded and slots."""
+    """A collector: each backend's health, requests in flight and served, adapters loaded and slots; each
+    serving version's share of its task and the versions that went live."""
 
-    def __init__(self, pool: Pool):
-        self.pool = pool
+    def __init__(self, live: LiveTable):
+        self.live, self.pool = live, live.pool
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._backends()
+        share = GaugeMetricFamily("mtft_route_percent", "Percent of a task's requests its version is set to answer "
+                                  "(100 without a canary)", labels=["task", "adapter"])
+        table = self.live.table
+        for task, record in table.current.items():
+            canary = table.canaries.get(task)
+            share.add_metric([task, record.name], 100.0 - (canary.percent if canary else 0.0))
+            if canary:
+                share.add_metric([task, canary.record.name], canary.percent)
+        yield share
+        added = CounterMetricFamily("mtft_adapters_added", "Times a version went live (started answering as its "
+                                    "task's version or canary), at start and hot-added", labels=["task", "adapter"])
+        for (task, name), count in sorted(self.live.went_live.items()):
+            added.add_metric([task, name], count)
+        yield added
+
+    def _backends(self) -> Iterator[Metric]:
         gauges = {
             "healthy": GaugeMetricFamily("mtft_backend_healthy", "1 while the backend is in rotation", labels=["backend"]),
             "inflight": GaugeMetricFamily("mtft_backend_inflight", "Requests in flight there", labels=["backend"]),

@@ -21,10 +21,14 @@ is broadcast from it (`Ranks.from_main`).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import timedelta
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
+
+from .trackers import FOLDER as TRACKER_FOLDER
 
 T = TypeVar("T")
 # The other processes wait in a collective while the main one evaluates, scores the base or publishes:
@@ -47,12 +51,14 @@ def check_processes(batch_size: int, processes: int, distributed_type: str) -> l
     return problems
 
 
-def start_accelerator():
-    """The run's accelerator: CUDA where there is one, and collectives that outwait an evaluation."""
+def start_accelerator(report_to: Sequence[str] = (), folder: Path | None = None):
+    """The run's accelerator: CUDA where there is one, collectives that outwait an evaluation, and the
+    experiment trackers `report_to` names (`trackers.py`), logging under `folder`/trackers."""
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 
-    return Accelerator(cpu=not torch.cuda.is_available(),
+    logs = ProjectConfiguration(project_dir=str(folder), logging_dir=str(folder / TRACKER_FOLDER)) if folder else None
+    return Accelerator(cpu=not torch.cuda.is_available(), log_with=list(report_to) or None, project_config=logs,
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=COLLECTIVE_TIMEOUT)])
 
 

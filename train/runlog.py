@@ -7,6 +7,8 @@ far), `eval` ({task: score}, where evaluated), and what the plan adds (`epoch`; 
 `{"step", "model": "base" | "adapter", "eval": {task: score}}`.
 `mtft-train adapters` trains its tasks one after another with a step count each: its rows carry
 `task`, the task whose training they belong to. Multi-task runs' rows carry none.
+Where the spec names experiment trackers (`training.report_to`), every row appended also goes to
+them (`trackers.Trackers`), and `close` hands them the final table.
 """
 
 from __future__ import annotations
@@ -14,22 +16,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .trackers import Trackers
+
 LOG_FILE = "metrics.jsonl"
 
 
 class RunLog:
-    """Appends rows to a run folder's `metrics.jsonl`; `task` tags (and scopes) a per-task training."""
+    """Appends rows to a run folder's `metrics.jsonl` (and to `trackers`); `task` tags (and scopes) a
+    per-task training."""
 
-    def __init__(self, folder: Path, task: str | None = None):
-        self.path, self.task = folder / LOG_FILE, task
+    def __init__(self, folder: Path, task: str | None = None, trackers: Trackers | None = None):
+        self.path, self.task, self.trackers = folder / LOG_FILE, task, trackers
 
     def scoped(self, task: str) -> RunLog:
-        return RunLog(self.path.parent, task)
+        return RunLog(self.path.parent, task, self.trackers)
 
     def append(self, row: dict) -> None:
         tagged = {"task": self.task, **row} if self.task else row
         with self.path.open("a") as handle:
             handle.write(json.dumps(tagged) + "\n")
+        if self.trackers is not None:
+            self.trackers.log(tagged)
+
+    def close(self) -> None:
+        """The run is over: the trackers get `results.json` and end their run."""
+        if self.trackers is not None:
+            self.trackers.finish()
 
     def rows(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []

@@ -34,12 +34,14 @@ from .runlog import RunLog, plot
 from .spec import Spec, SpecError, TaskSpec
 from .targets import target_modules
 from .tasklora import peft_init, save_adapter
+from .trackers import start_trackers
 from .vllm_eval import Adapter, EngineConfig, EngineError, VllmEvaluator, vllm_installed, vllm_rank
 
 log = logging.getLogger(__name__)
 
 AUTO_VLLM_EXAMPLES = 100  # eval examples per run from which vLLM's ~25 s start pays off (bench/eval_speed.py)
-NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size", "eval_engine"}  # settings that change nothing learnt
+NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size", "eval_engine",  # settings that change nothing learnt
+               "report_to", "report_project"}
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ class Session:
         from transformers import AutoModelForCausalLM
 
         self.spec, self.options, self.checked, self.tasks = spec, options, checked, checked.tasks
-        self.accelerator = start_accelerator()
+        self.accelerator = start_accelerator(spec.training.report_to, options.output)
         self.ranks = ranks = Ranks(self.accelerator)
         problems = check_processes(spec.training.batch_size, ranks.count, str(self.accelerator.distributed_type.value))
         if problems:
@@ -216,7 +218,8 @@ class Session:
         self.state_path = options.output / "state.json"
         self.state = RunState.load(self.state_path) if options.resume else RunState()
         ranks.wait()  # every process has read state.json before the main one changes it
-        self.log = RunLog(options.output)
+        self.log = RunLog(options.output, trackers=start_trackers(self.accelerator, spec, options.output)
+                          if ranks.is_main else None)
         if ranks.is_main:
             options.output.mkdir(parents=True, exist_ok=True)
             (options.output / "spec.json").write_text(spec.model_dump_json(indent=2))
@@ -476,6 +479,7 @@ class Session:
         rows = {r.task: {k: v.model_dump() if isinstance(v, BaseModel) else v for k, v in asdict(r).items()
                          if k != "task" and v is not None} for r in results}
         (self.options.output / "results.json").write_text(json.dumps({"mode": mode, "tasks": rows}, indent=2))
+        self.log.close()
         return results
 
 

@@ -20,6 +20,7 @@ from mtft.registry import (
 from mtft.registry.record import TASK_NAME
 
 from .metrics import METRICS
+from .trackers import TRACKERS, Tracker, extra, tracker_problems
 
 
 class SpecError(Exception):
@@ -164,6 +165,12 @@ class TrainingSpec(Strict):
     attention: Literal["auto", "eager", "sdpa"] = Field(
         default="auto", description="the base's attention kernel in training and HF evaluation; auto: eager "
         "on CPU (its backward is faster there than torch's CPU flash attention), sdpa on GPU")
+    report_to: list[Tracker] = Field(
+        default_factory=list, description="experiment trackers that get every run-log row, the spec as config and "
+        f"the final table, through accelerate's trackers: {', '.join(TRACKERS)}; each needs its package "
+        f"(pip install 'mtft[{extra('<name>')}]')")
+    report_project: str = Field(default="mtft", min_length=1, description="the trackers' project (W&B, trackio) or "
+                                "experiment (MLflow; MLFLOW_EXPERIMENT_NAME overrides); runs are named after the run folder")
 
     @model_validator(mode="after")
     def _length(self) -> TrainingSpec:
@@ -362,6 +369,9 @@ def _cross_checks(spec: Spec, root, path: Path) -> list[str]:
             data_path = getattr(task.data, role)
             if data_path is not None and not _data_exists(spec.resolve(data_path)):
                 problems.append(f"{where}.data.{role}: {spec.resolve(data_path)} does not exist")
+    if spec.training.report_to:
+        where = f"{path}:{_line_of(root, ('training', 'report_to'))}: training.report_to"
+        problems += [f"{where}: {problem}" for problem in tracker_problems(spec.training.report_to)]
     return problems + _multitask_checks(spec, root, path)
 
 
