@@ -332,3 +332,38 @@ def test_the_cpu_head_sizes_are_vllms_own():
     from mtft.serve.plan import CPU_HEAD_SIZES
 
     assert list(CPU_HEAD_SIZES) == CPUAttentionBackend.get_supported_head_sizes()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["phi3", "gemma2"])
+def test_mtft_serve_answers_through_the_router_like_hf_peft(trained_families, tmp_path, name):
+    """The whole serving path on the families least like Llama: Phi-3 (fused qkv_proj and gate_up_proj)
+    and Gemma 2 (no system role: the task's system text folded into the user turn, BOS in the template).
+    mtft-serve's router renders each request from the record and vLLM answers under the adapter's name:
+    the tokens equal HF + PEFT's on the same adapter, by completion and by chat."""
+    import openai
+
+    from serving import launch_stack, stop_stack, wait_started
+    from mtft.serve.stack import free_port
+
+    spec = load_spec(trained_families[name])
+    registry = Registry(spec.source.parent / "registry")
+    words = ["the quick brown fox", "hello world paris"]
+    latest = registry.latest()
+    prompts = {task: [render_prompt(r.template, r.prefix, w) for w in words] for task, r in latest.items()}
+    adapters = {task: registry.version_dir(task, r.version) for task, r in latest.items()}
+    expected = hf_peft_greedy(Path(spec.base_model), adapters, {"base": prompts["echo"], **prompts})
+    stack = wait_started(launch_stack(registry.root, tmp_path, free_port()))
+    try:
+        stack.wait_ready()
+        client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.api_key, max_retries=0)
+        exact = {"max_tokens": NEW_TOKENS, "stop": [], "extra_body": {"ignore_eos": True, "return_token_ids": True}}
+        for task in latest:
+            by_completion = [client.completions.create(model=task, prompt=w, **exact).choices[0].token_ids
+                             for w in words]
+            by_chat = [client.chat.completions.create(model=task, messages=[{"role": "user", "content": w}],
+                                                      **exact).choices[0].token_ids for w in words]
+            assert by_completion == by_chat == expected[task], (name, task)
+        assert expected["echo"] != expected["base"]  # the adapter changes the answer: the check can tell
+    finally:
+        stop_stack(stack)
