@@ -45,7 +45,7 @@ def main() -> None:
     from mtft.registry import PromptTemplate, render_input, render_prompt
     from mtft.train.base import resolve_base
     from mtft.train.evaluate import end_ids, generate
-    from mtft.train.session import choose_dtype
+    from mtft.train.hardware import choose_dtype
     from mtft.train.vllm_eval import EngineConfig, VllmEvaluator
 
     torch.set_num_threads(args.threads)

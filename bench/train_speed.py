@@ -72,7 +72,7 @@ def run_peer(spec_path: Path, out: Path, dtype_name: str) -> dict:
 
     from mtft.train import load_spec
     from mtft.train.evaluate import evaluate
-    from mtft.train.session import RunOptions, check_run
+    from mtft.train.check import RunOptions, check_run
 
     spec = load_spec(spec_path)
     checked = check_run(spec, RunOptions(output=out, registry=out / "registry"))
@@ -125,14 +125,14 @@ def run_mtft(spec_path: Path, out: Path, config: str) -> dict:
 def warm_zero_shot(spec_path: Path, out: Path) -> dict:
     """Fill mtft's zero-shot cache for these tasks: the peer scores no base model, so no timed mtft run should."""
     from mtft.train import RunOptions, load_spec
-    from mtft.train.session import Session, check_run
+    from mtft.train.check import check_run
+    from mtft.train.session import Session
 
     spec = load_spec(spec_path)
     options = RunOptions(output=out, registry=out / "registry")
     session = Session(spec, options, check_run(spec, options))
     session.score_base()
-    if session.evaluator is not None:
-        session.evaluator.close()
+    session.close()
     return {}
 
 
@@ -186,7 +186,7 @@ def main() -> None:
     spec = write_spec(args)
     import torch
 
-    from mtft.train.session import choose_dtype
+    from mtft.train.hardware import choose_dtype
 
     native_bf16 = choose_dtype("auto", torch.device("cpu"))[0] == torch.bfloat16
     measured = {}
@@ -217,7 +217,7 @@ def main() -> None:
     print(f"\n{setting}; resource self max RSS "
           f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB (parent)")
     sequential = measured.get("adapters") or peer
-    # Issue 15's target is against the bf16 peer where bf16 is native: its own column then.
+    # Where bf16 is native the training-speed target is against the bf16 peer: its own column then.
     bf16_peer = measured.get("peer-bf16")
     head = ["config", "train s", "wall s", "tok/s", "train speed-up", "wall speed-up",
             *(["wall vs peer-bf16"] if bf16_peer else []), "wall vs adapters", "peak RSS MiB"] + tasks
@@ -236,7 +236,7 @@ def main() -> None:
          {"setting": setting, "native_bf16": native_bf16, "configs": measured},
          [setting, "speed-ups are to peer-fp32 (the plain loop), each config in its own process in this run; "
           "peak RSS is that process's", "wall vs adapters: one run per task (`mtft-train adapters`, packing off) "
-          "over this config's wall time; issue 15's one-pass target is one-pass-packed >= 1.0x"])
+          "over this config's wall time; the one-pass target is one-pass-packed >= 1.0x"])
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from mtft.registry import (
 )
 from mtft.registry.template import takes_system
 from mtft.train import RunOptions, load_spec
-from mtft.train.session import check_run
+from mtft.train.check import check_run
 
 from conftest import tiny_spec
 from families import BY_NAME, FAMILIES, SPLIT, build_family_base

@@ -17,7 +17,7 @@ from mtft.train import load_spec
 from mtft.train.cli import REJECTED_EXIT, app
 from mtft.train.gate import judge
 from mtft.train.spec import GateSpec, SpecError
-from mtft.train.session import RunOptions, check_run
+from mtft.train.check import RunOptions, check_run
 
 from conftest import tiny_spec
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from mtft.train import RunOptions, load_spec, train_adapters
 from mtft.train.batches import IGNORE, Tokenized, collate
 from mtft.train.loop import answer_loss
-from mtft.train.session import choose_attention, choose_dtype
+from mtft.train.hardware import choose_attention, choose_dtype
 
 from conftest import tiny_spec
 

@@ -81,7 +81,7 @@ def test_a_task_trains_the_same_after_others_as_alone(tmp_path, tiny_base, monke
     after = echo_after_yesno("both")
     assert all((after[k] == reference[k]).all() for k in reference)
     # The control: with the RNG state left as the first task left it, the dropout masks differ.
-    monkeypatch.setattr("mtft.train.session.torch.set_rng_state", lambda state: None)
+    monkeypatch.setattr("mtft.train.frozen_base.torch.set_rng_state", lambda state: None)
     unrestored = echo_after_yesno("unrestored")
     assert any((unrestored[k] != reference[k]).any() for k in reference)
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from mtft.train import RunOptions, load_spec, train_adapters
 from mtft.train.cli import app
-from mtft.train.session import AUTO_VLLM_EXAMPLES, choose_engine
+from mtft.train.scorer import AUTO_VLLM_EXAMPLES, choose_engine
 from mtft.train.vllm_eval import EngineConfig, EngineError, VllmEvaluator, vllm_rank
 
 from conftest import tiny_spec
@@ -95,12 +95,12 @@ def test_a_worker_that_cannot_load_its_model_is_an_error_naming_its_log(tmp_path
 
 
 def test_under_auto_an_engine_that_fails_falls_back_to_hf_with_the_same_scores(trained, tmp_path, monkeypatch, caplog):
-    import mtft.train.session as session
+    import mtft.train.scorer as scorer
 
     spec, options, results = trained
-    monkeypatch.setattr(session, "AUTO_VLLM_EXAMPLES", 1)  # auto picks vllm for this tiny run
+    monkeypatch.setattr(scorer, "AUTO_VLLM_EXAMPLES", 1)  # auto picks vllm for this tiny run
     # the worker gets a base folder it cannot load: a real start failure
-    monkeypatch.setattr(session, "EngineConfig", lambda *a, **k: EngineConfig(str(tmp_path / "gone"), *a[1:], **k))
+    monkeypatch.setattr(scorer, "EngineConfig", lambda *a, **k: EngineConfig(str(tmp_path / "gone"), *a[1:], **k))
     again = RunOptions(output=tmp_path / "run", registry=tmp_path / "registry", tasks=["yesno"])
     with caplog.at_level(logging.INFO, logger="mtft"):
         fallback = train_adapters(spec, again)

@@ -4,11 +4,12 @@ The public surface: load a spec, run a recipe, read its results. The recipes sha
 (`loop.train`) and one run session (`session.Session`); what differs is their step plan.
 """
 
+from .adapters import train_adapters
 from .base import EMBEDDED_BASE, BaseModelError, resolve_base
+from .check import RunOptions
 from .evaluate import generate
 from .multitask import train_one_pass, train_shared
-from .run import train_adapters
-from .session import RunOptions, TaskResult
+from .results import TaskResult
 from .spec import Spec, SpecError, load_spec
 
 __all__ = [

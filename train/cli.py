@@ -12,12 +12,13 @@ import typer
 
 from mtft.registry import RegistryError
 
+from .adapters import train_adapters
 from .base import BaseModelError, resolve_base
+from .check import RunOptions, check_run
+from .cli_registry import RegistryOption, fail, registry_app, registry_path, setup_logging, table
 from .multitask import check_shared_run, train_one_pass, train_shared
 from .processes import is_main_process
-from .registry_cli import RegistryOption, fail, registry_app, registry_path, setup_logging, table
-from .run import train_adapters
-from .session import RunOptions, TaskResult, check_run
+from .results import TaskResult
 from .spec import SpecError, load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

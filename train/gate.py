@@ -2,7 +2,7 @@
 
 `no_worse` compares with the version serving now *on the same eval data*: the
 serving version's recorded score when its record says it was scored on exactly
-these examples (`eval_hash`), else the session scores it again here.
+these examples (`eval_hash`), else the publisher scores it again here.
 """
 
 from __future__ import annotations

@@ -16,11 +16,13 @@ from mtft.registry import BaseModelRef, Registry
 
 from . import loop
 from .batches import Tokenized
+from .check import Checked, RunOptions, check_run
+from .gate import eval_hash
 from .loop import total_steps
 from .plans import LockstepPlan
 from .processes import Ranks
-from .gate import eval_hash
-from .session import Checked, RunOptions, Session, TaskResult, check_run
+from .results import TaskResult
+from .session import Session
 from .shared import SharedPlan, check_shared, forgetting_table, plan_stages
 from .spec import Spec, SpecError
 from .tasklora import TaskLoRA
@@ -28,13 +30,13 @@ from .tasklora import TaskLoRA
 log = logging.getLogger(__name__)
 
 LOW_SHARE = 0.5  # a task trained on less than this share of its own run's examples gets a warning
-PlanMaker = Callable[[Session, dict[str, list[Tokenized]], dict], "SharedPlan | LockstepPlan"]
+PlanMaker = Callable[[Session, dict[str, list[Tokenized]], TaskLoRA], "SharedPlan | LockstepPlan"]
 
 
 def train_shared(spec: Spec, options: RunOptions) -> list[TaskResult]:
     """One adapter shared by every task, conditioned on task embeddings; each task exported."""
     session, plan = _train(spec, options, check_shared_run(spec, options), "shared", "mtft-train shared",
-                           _shared_plan)
+                           _shared_plan, shared=True)
     if plan.history and Ranks(session.accelerator).is_main:
         (options.output / "forgetting.txt").write_text(
             forgetting_table(plan.history, {t.name: t.metric for t in session.tasks}))
@@ -48,7 +50,7 @@ def train_shared(spec: Spec, options: RunOptions) -> list[TaskResult]:
                         "fall behind its per-task adapter (the table compares them where the registry has one); "
                         "give it more weight (multitask.mixing) or more steps",
                         task.name, seen, 100 * seen / own, own)
-        separate = per_task_adapter(session.registry, task.name, session.base_ref,
+        separate = per_task_adapter(session.registry, task.name, session.base.ref,
                                     eval_hash(session.checked.data[task.name].eval))
         results.append(session.result(task, separate=separate, seen=seen, share=seen / own))
     return session.finish("shared", results, plan.ends[:-1])
@@ -74,23 +76,18 @@ def check_shared_run(spec: Spec, options: RunOptions) -> Checked:
     return checked
 
 
-def _shared_plan(session: Session, items: dict[str, list[Tokenized]], init: dict) -> SharedPlan:
-    spec, embedding = session.spec, session.spec.multitask.task_embedding
-    lora = TaskLoRA(session.model, list(items), init, spec.lora.rank, spec.lora.alpha, spec.lora.dropout,
-                    shared=True, up_projections=embedding.up_projections, tau=embedding.mix_temperature)
+def _shared_plan(session: Session, items: dict[str, list[Tokenized]], lora: TaskLoRA) -> SharedPlan:
+    spec = session.spec
     return SharedPlan(lora, items, spec.training, spec.multitask, plan_stages(spec, items, lora, session.pad_id))
 
 
-def _lockstep_plan(session: Session, items: dict[str, list[Tokenized]], init: dict) -> LockstepPlan:
-    lora_spec = session.spec.lora
-    lora = TaskLoRA(session.model, list(items), init, lora_spec.rank, lora_spec.alpha, lora_spec.dropout,
-                    shared=False)
+def _lockstep_plan(session: Session, items: dict[str, list[Tokenized]], lora: TaskLoRA) -> LockstepPlan:
     return LockstepPlan(lora, items, session.spec.training,
                         {t.name: session.spec.training_for(t) for t in session.tasks})
 
 
 def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained_by: str,
-           make_plan: PlanMaker) -> tuple[Session, SharedPlan | LockstepPlan]:
+           make_plan: PlanMaker, shared: bool = False) -> tuple[Session, SharedPlan | LockstepPlan]:
     """Train every task in one run under `make_plan`'s plan; evaluate, export and publish each."""
     session = Session(spec, options, checked)
     tasks = session.tasks
@@ -99,26 +96,25 @@ def _train(spec: Spec, options: RunOptions, checked: Checked, mode: str, trained
         mode=mode, tasks=[t.model_dump(mode="json") for t in tasks], multitask=spec.multitask.model_dump(mode="json")))
     session.score_base()
     items = {t.name: session.tokenized(t) for t in tasks}
-    init = session.initial_lora()  # the initial LoRA `mtft-train adapters` starts every task from
-    plan = make_plan(session, items, init)
-    lora = plan.lora
+    # Layers from the initial LoRA `mtft-train adapters` starts every task from.
+    with session.base.task_layers(list(items), shared=shared) as lora:
 
-    def evaluate(names: list[str], label: str) -> dict[str, float]:
-        scores = {}
-        for name in names:
-            with lora.task(name):
-                scores[name] = session.score(session.model, spec.task(name), label, partial(lora.export, name))
-        return scores
+        def evaluate(names: list[str], label: str) -> dict[str, float]:
+            scores = {}
+            for name in names:
+                with lora.task(name):
+                    scores[name] = session.score(lora.model, spec.task(name), label, partial(lora.export, name))
+            return scores
 
-    setup = loop.Loop(spec.training, options.output / "checkpoint", session.log, session.accelerator,
-                      session.pad_id, evaluate)
-    loop.train(plan, setup, resumable)
-    pending = [t for t in tasks if session.task_state(t.name).version is None]
-    scores = evaluate([t.name for t in pending], "adapter")
-    exported = {t.name: lora.export(t.name) for t in pending}
-    session.model = lora.remove()
+        plan = make_plan(session, items, lora)
+        setup = loop.Loop(spec.training, options.output / "checkpoint", session.log, session.accelerator,
+                          session.pad_id, evaluate)
+        loop.train(plan, setup, resumable)
+        pending = [t for t in tasks if session.state.task(t.name).version is None]
+        scores = evaluate([t.name for t in pending], "adapter")
+        exported = {t.name: lora.export(t.name) for t in pending}
     for task in pending:
-        session.task_state(task.name).adapter_score = scores[task.name]
+        session.state.task(task.name).adapter_score = scores[task.name]
         session.publish(task, exported[task.name], trained_by, session.log, plan.steps(task.name))
     return session, plan
 

@@ -15,7 +15,7 @@ from mtft.registry import AdapterRecord, Registry, RegistryError, fingerprint
 
 from .data import load_examples
 from .evaluate import Evaluation, end_ids, evaluate
-from .session import choose_dtype, set_threads
+from .hardware import choose_dtype, set_threads
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def save_adapter(folder: Path, lora_config, weights: dict[str, torch.Tensor], ba
     """`weights` (a PEFT LoRA state dict) as the adapter folder PEFT's `save_pretrained` writes.
 
     Its config names `base_dir`, which vLLM's resolver matches to the served model. Written
-    directly: wrapping the base in a PeftModel only to save it cost ~0.7 s per adapter.
+    directly: wrapping the base in a PeftModel only to save it is the slow part of PEFT's way.
     """
     config = copy.copy(lora_config)
     config.base_model_name_or_path, config.inference_mode = str(base_dir), True

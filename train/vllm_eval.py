@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 Adapter = Path | Callable[[], dict] | None  # what `answers` evaluates: see there
 CHUNK = 128  # prompts per engine call: a progress bar that moves, batches still large for decode
 
-# vLLM accepts only these LoRA ranks (NOTES-vllm-cpu.md): an adapter of rank r needs the next one up.
+# vLLM accepts only these LoRA ranks (its LoRAConfig checks max_lora_rank): an adapter of rank r needs the next one up.
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 START_TIMEOUT_S = 300
 NICE = 19  # the launched worker's niceness: it gets a core only while the run leaves one idle
@@ -114,8 +114,8 @@ class VllmEvaluator:
         return reply["answers"]
 
     def launch(self) -> None:
-        """Start the worker without waiting for it: its ~20 s start (mostly importing vLLM) then runs
-        while the caller goes on. It runs niced, so a training beside it keeps its cores; when the
+        """Start the worker without waiting for it: its start (mostly importing vLLM, tens of seconds)
+        then runs while the caller goes on. It runs niced, so a training beside it keeps its cores; when the
         caller evaluates, the caller waits and nothing competes with the worker."""
         if self._process is not None:
             return

@@ -1,0 +1,92 @@
+"""The run's frozen base model: loaded once, and the one owner of its `nn.Module`.
+
+Training puts task LoRA layers into it (`task_layers`), the publish gate a published adapter
+(`adapter`); each is a `with` block that hands the base back bare on leaving, so a recipe
+reads top to bottom and nothing else ever swaps the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from mtft.registry import BaseModelRef, fingerprint
+
+from .check import Checked
+from .hardware import choose_attention, choose_dtype
+from .spec import Spec
+from .tasklora import TaskLoRA, peft_init
+
+log = logging.getLogger(__name__)
+
+
+class FrozenBase:
+    """The base model in the run's dtype and attention on its device, its registry reference and the
+    spec's LoRA config; the initial LoRA every training starts from."""
+
+    def __init__(self, spec: Spec, checked: Checked, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.spec, self.target_modules = spec, list(checked.target_modules)
+        self.ref = BaseModelRef(name=spec.base_model, path=str(checked.base_dir),
+                                fingerprint=fingerprint(checked.base_dir))
+        self.dtype, reason = choose_dtype(spec.training.dtype, device)
+        log.info("base model in %s: %s", str(self.dtype).removeprefix("torch."), reason)
+        self.attention, reason = choose_attention(spec.training.attention, device)
+        log.info("attention: %s (%s)", self.attention, reason)
+        torch.manual_seed(spec.training.seed)
+        self.model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=self.dtype,
+                                                          attn_implementation=self.attention)
+        self.model.to(device).requires_grad_(False)
+        self._initial: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # see initial_lora
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        lora = self.spec.lora
+        return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=list(self.target_modules), task_type="CAUSAL_LM")
+
+    def initial_lora(self) -> dict[str, torch.Tensor]:
+        """PEFT's initial LoRA for the spec, drawn from the seed, with torch's RNG left where drawing
+        it leaves it: every training starts from the same LoRA and RNG state however many tasks ran
+        before. Drawn once per run (wrapping the base in PEFT is the slow part); later calls only
+        restore the RNG state."""
+        if self._initial is None:
+            torch.manual_seed(self.spec.training.seed)
+            init, self.model = peft_init(self.model, self.lora_config())
+            self._initial = init, torch.get_rng_state()
+        torch.set_rng_state(self._initial[1])
+        return self._initial[0]
+
+    @contextmanager
+    def task_layers(self, tasks: list[str], shared: bool = False) -> Iterator[TaskLoRA]:
+        """`tasks`' LoRA layers in the base, each starting from the initial LoRA: one per task, or
+        one shared by all (`multitask.task_embedding`). The base is bare again after the block."""
+        lora, embedding = self.spec.lora, self.spec.multitask.task_embedding
+        conditioning = dict(up_projections=embedding.up_projections, tau=embedding.mix_temperature) if shared else {}
+        layers = TaskLoRA(self.model, tasks, self.initial_lora(), lora.rank, lora.alpha, lora.dropout, shared=shared,
+                          **conditioning)
+        try:
+            yield layers
+        finally:
+            self.model = layers.remove()
+
+    @contextmanager
+    def adapter(self, folder: Path) -> Iterator[torch.nn.Module]:
+        """The base with the PEFT adapter in `folder` applied, in eval mode; bare again after the block."""
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(self.model, folder)
+        try:
+            yield model.eval()
+        finally:
+            self.model = model.unload()
