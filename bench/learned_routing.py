@@ -11,7 +11,7 @@ Tasks (profiles from training inputs only; scored on held-out inputs never seen 
             (two tasks with the same inputs could not be told apart by anyone, so none are made)
   synthetic only in the scaling rows: generated tasks (own 40-word vocabulary of pseudo-words, shared
             English function words), labelled as such
-Methods, all over the same hashed character n-grams (`mtft.registry.routing.featurize`):
+Methods, all over the same hashed character n-grams (`mtft.registry.routing_profile.featurize`):
   idf-centroid  the router's (`mtft.router.learned.LearnedIndex`): centroid cosine, IDF over served profiles
   centroid      no IDF: the highest gate score (3-5-gram cosine relative to the task's own inputs) wins
   naive-bayes   multinomial NB over the 1-5-gram buckets, the top 4,096 counts kept
@@ -43,7 +43,7 @@ from multitask_real import read_jsonl  # noqa: E402
 from report import save  # noqa: E402
 
 from mtft.registry import PromptTemplate, render_input  # noqa: E402
-from mtft.registry.routing import BITS, KEEP, build_profile, featurize  # noqa: E402
+from mtft.registry.routing_profile import BITS, KEEP, build_profile, featurize  # noqa: E402
 from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -97,9 +97,9 @@ TASKS = (
         "prefix": "scitldr: ", "template": {"input": "{abstract}", "prompt": "{prefix}{input}\nTLDR:", "target": " {tldr}"},
         "metric": "rouge_l", "max_new_tokens": 40}),
 )
-# temperature=2 is sqrt exactly; capped, uniform, dynamic and dynamic-eval were measured once
-# (docs/task-spec.md, Mixing) and can be added with --mixing (each shared run adds ~10 min on 2
-# cores, dynamic-eval ~12: all of them would take make bench-real past an hour).
+# temperature=2 is sqrt exactly; capped, uniform, dynamic and dynamic-eval can be added with --mixing
+# (docs/task-spec.md, Mixing, compares them); each is one more shared run, and all of them would
+# take make bench-real past an hour on 2 cores.
 DEFAULT_MIXING = "proportional,sqrt,temperature=5"
 STATIC = ("proportional", "uniform", "sqrt", "dynamic")  # named without a value
 BATCH = 8

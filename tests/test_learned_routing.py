@@ -24,7 +24,7 @@ from mtft.registry import (
     checksum,
     read_profile,
 )
-from mtft.registry.routing import KEEP, build_profile, featurize
+from mtft.registry.routing_profile import KEEP, build_profile, featurize
 from mtft.router import APIError
 from mtft.router.learned import DEFAULT_THRESHOLD, LearnedIndex
 from mtft.router.table import BASE, NotFound, RouteRequest, RouteTable, route

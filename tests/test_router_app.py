@@ -44,7 +44,7 @@ def config(registry: Registry) -> Iterator[RouterConfig]:
     """The router's config, with the fake vLLM it names running."""
     vllm_port = free_port()
     with serve_in_thread(app("tiny"), vllm_port):
-        yield RouterConfig(registry=registry.root, upstream=f"http://127.0.0.1:{vllm_port}", base_model="tiny",
+        yield RouterConfig(registry=registry.root, backends=[f"http://127.0.0.1:{vllm_port}"], base_model="tiny",
                            base_name="tiny", base_fingerprint=registry.latest()["yesno"].base_model.fingerprint,
                            max_rank=8, poll_s=0.2, port=free_port())
 
@@ -168,7 +168,7 @@ def base_by_path(registry: Registry, tiny_base: Path) -> Iterator[str]:
     """A router whose vLLM serves the base as its folder and answers base requests itself (mtft's CPU LoRA
     ops, no zero adapter): vLLM's answers then carry that server path as their `model`."""
     vllm_port, port = free_port(), free_port()
-    config = RouterConfig(registry=registry.root, upstream=f"http://127.0.0.1:{vllm_port}", base_model=str(tiny_base),
+    config = RouterConfig(registry=registry.root, backends=[f"http://127.0.0.1:{vllm_port}"], base_model=str(tiny_base),
                           base_name=str(tiny_base), base_fingerprint=registry.latest()["yesno"].base_model.fingerprint,
                           max_rank=8, poll_s=0.2, port=port)
     with serve_in_thread(app(str(tiny_base)), vllm_port), serve_in_thread(create_app(config, Keys()), port):

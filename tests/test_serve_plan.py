@@ -140,9 +140,6 @@ def test_the_router_config_passes_the_options_on_and_names_the_vllm_it_fronts(tr
     with_zero = router_config(config, chosen, ["http://x"], Path("zero"))
     assert (with_zero.base_adapter, with_zero.base_adapter_path) == (ZERO_ADAPTER, Path("zero"))
     assert RouterConfig.model_validate_json(routing.model_dump_json()) == routing  # what router.json holds
-    # A config written for one backend still reads.
-    old = {**routing.model_dump(mode="json", exclude={"backends"}), "upstream": "http://127.0.0.1:8100"}
-    assert RouterConfig.model_validate(old).backends == ["http://127.0.0.1:8100"]
 
 
 @pytest.mark.parametrize(("setting", "replicas", "cores", "expected"), [
