@@ -10,7 +10,8 @@ import yaml
 
 from mtft.registry import PromptTemplate
 from mtft.train.data import load_task_data
-from mtft.train.spec import SpecError, load_spec
+from mtft.train.spec import SpecError
+from mtft.train.spec_file import load_spec
 
 ROWS = [{"text": f"message {i}", "label": "yes" if i % 2 else "no"} for i in range(20)]
 

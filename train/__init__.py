@@ -10,7 +10,8 @@ from .check import RunOptions
 from .evaluate import generate
 from .multitask import train_one_pass, train_shared
 from .results import TaskResult
-from .spec import Spec, SpecError, load_spec
+from .spec import Spec, SpecError
+from .spec_file import load_spec
 
 __all__ = [
     "EMBEDDED_BASE",

@@ -19,7 +19,8 @@ from .cli_registry import RegistryOption, fail, registry_app, registry_path, set
 from .multitask import check_shared_run, train_one_pass, train_shared
 from .processes import is_main_process
 from .results import TaskResult
-from .spec import SpecError, load_spec
+from .spec import SpecError
+from .spec_file import load_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 app.add_typer(registry_app, name="registry")
