@@ -221,7 +221,7 @@ def _serve(connection: Connection) -> None:
 
 if __name__ == "__main__":
     _serve(Connection(int(sys.argv[1])))
-    # Nothing to tear down that the OS does not: skipping the interpreter's (about 4 s with vLLM
+    # Nothing to tear down that the OS does not: skipping the interpreter's (seconds with vLLM
     # loaded) lets the run end without waiting for it.
     sys.stdout.flush()
     sys.stderr.flush()
