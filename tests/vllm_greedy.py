@@ -13,13 +13,21 @@ import sys
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vLLM otherwise sizes it to the NUMA node and refuses
 
-if __name__ == "__main__":
-    from vllm import LLM, SamplingParams
+
+
+def engine(request: dict, **options):
+    """The offline engine for `request["model"]` with a LoRA slot per adapter, float32, seeded."""
+    from vllm import LLM
+
+    return LLM(model=request["model"], dtype="float32", enable_lora=True, max_lora_rank=8,
+               max_loras=len(request["adapters"]), max_model_len=256, enforce_eager=True, seed=0, **options)
+
+
+def greedy(llm, request: dict) -> dict:
+    """{name: [[token ids] per prompt]} for the request's prompts, and "mixed" if it asks."""
+    from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
-    request = json.load(open(sys.argv[1]))
-    llm = LLM(model=request["model"], dtype="float32", enable_lora=True, max_lora_rank=8,
-              max_loras=len(request["adapters"]), max_model_len=256, enforce_eager=True, seed=0)
     params = SamplingParams(temperature=0.0, max_tokens=request["max_tokens"], ignore_eos=True)
     loras = {name: LoRARequest(name, i + 1, path) for i, (name, path) in enumerate(request["adapters"].items())}
     out = {}
@@ -32,5 +40,11 @@ if __name__ == "__main__":
         names, prompts = zip(*request["mixed"])
         results = llm.generate(list(prompts), params, lora_request=[loras.get(n) for n in names], use_tqdm=False)
         out["mixed"] = [list(r.outputs[0].token_ids) for r in results]
+    return out
+
+
+if __name__ == "__main__":
+    request = json.load(open(sys.argv[1]))
+    out = greedy(engine(request), request)
     with open(sys.argv[2], "w") as handle:
         json.dump(out, handle)
