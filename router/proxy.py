@@ -115,7 +115,7 @@ def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchan
     asked = frozenset(f for key, names in ASKED_FOR.items() if sent.get(key) not in (None, False) for f in names)
     payload = honoured(sent, fields, on_adapter)
     if not on_adapter:
-        payload = {**_greedy(payload), **payload, "model": route.upstream_model}
+        payload = _greedy_by_default({**payload, "model": route.upstream_model})
         return Exchange(path, _with_usage(payload, body.stream), False, wants_usage, asked)
     record = route.record
     if chat:
@@ -136,16 +136,18 @@ def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchan
     payload["stream"] = body.stream
     # Defaults are the evaluation's: greedy, the task's answer length and stop strings.
     payload.setdefault("max_tokens", record.max_new_tokens)
-    payload.update({**_greedy(payload), **payload})
+    _greedy_by_default(payload)
     if record.stop:
         payload.setdefault("stop", record.stop)
     return Exchange(COMPLETIONS, _with_usage(payload, body.stream), chat, wants_usage, asked, top)
 
 
-def _greedy(payload: dict) -> dict:
-    """Greedy by default on every route, as the evaluation decodes (OpenAI's own default is 1.0); a request
-    for several answers (`n` > 1) keeps vLLM's default instead, since greedy answers would all be one."""
-    return {"temperature": 0.0} if (payload.get("n") or 1) == 1 else {}
+def _greedy_by_default(payload: dict) -> dict:
+    """`payload`, greedy unless it sets a temperature: as the evaluation decodes (OpenAI's own default is
+    1.0). A request for several answers (`n` > 1) keeps vLLM's default, since greedy ones would all be one."""
+    if (payload.get("n") or 1) == 1:
+        payload.setdefault("temperature", 0.0)
+    return payload
 
 
 def _chat_logprobs(sent: dict) -> int | None:
