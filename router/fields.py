@@ -106,11 +106,11 @@ CHAT: dict[str, Field] = {
     "parallel_tool_calls": _same(INERT, "no tool calls on adapters"),
     "functions": _same("is not supported: deprecated by OpenAI; use tools", harmless=([],)),
     "function_call": _same("is not supported: deprecated by OpenAI; use tool_choice", harmless=("none",)),
-    "response_format": SHARED["response_format"],
     "reasoning_effort": _adapter_refuses(_TEMPLATE), "include_reasoning": _adapter_refuses(_TEMPLATE, (True,)),
     "return_prompt_text": _adapter_refuses(_TEMPLATE, (False,)),
-    **{name: _adapter_refuses(_TEMPLATE) for name in (
-        "chat_template", "chat_template_kwargs", "documents", "continue_final_message", "add_generation_prompt")},
+    "chat_template": _adapter_refuses(_TEMPLATE), "chat_template_kwargs": _adapter_refuses(_TEMPLATE),
+    "documents": _adapter_refuses(_TEMPLATE), "add_generation_prompt": _adapter_refuses(_TEMPLATE, (True,)),
+    "continue_final_message": _adapter_refuses(_TEMPLATE, (False,)),
     "media_io_kwargs": _same(_TEXT_ONLY), "mm_processor_kwargs": _same(_TEXT_ONLY),
     "audio": _same(_TEXT_ONLY), "modalities": _same(_TEXT_ONLY, harmless=(["text"],)),
     "prediction": _same("is not supported: predicted outputs need speculative decoding the server does not run"),
@@ -118,8 +118,6 @@ CHAT: dict[str, Field] = {
     "verbosity": _same("is not supported: no model here takes a verbosity setting"),
     "moderation": _same("is not supported: the server runs no moderation"),
 }
-CHAT["add_generation_prompt"] = _adapter_refuses(_TEMPLATE, (True,))
-CHAT["continue_final_message"] = _adapter_refuses(_TEMPLATE, (False,))
 
 
 def check(sent: Mapping[str, object], fields: Mapping[str, Field], adapter: bool) -> None:

@@ -262,7 +262,8 @@ async def _sse(chunks: AsyncIterator[dict | None]) -> AsyncIterator[bytes]:
         await chunks.aclose()
 
 
-async def _responses_events(chunks: AsyncIterator[dict | None], inflight: InFlight, asked: dict) -> AsyncIterator[bytes]:
+async def _responses_events(chunks: AsyncIterator[dict | None], inflight: InFlight,
+                            asked: dict) -> AsyncIterator[bytes]:
     """A Responses stream: its typed events, built from the chat stream (no `[DONE]` in this API)."""
     events = responses.Events(asked)
     try:

@@ -126,7 +126,8 @@ def exchange(body: CompletionBody | ChatBody, path: str, route: Route) -> Exchan
         payload.pop("logprobs", None)
         if top is not None:
             payload["logprobs"] = top
-        payload["prompt"] = render_prompt(record.template, record.prefix, task_input(body.messages, record.prefix))
+        _one_user_message(body.messages)
+        payload["prompt"] = render_prompt(record.template, record.prefix, route.text or "")
     else:
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         rendered = [render_prompt(record.template, record.prefix, _strip(p, record.prefix)) for p in prompts]
@@ -163,11 +164,10 @@ def _chat_logprobs(sent: dict) -> int | None:
     return top or 0
 
 
-def task_input(messages: list[Message], prefix: str) -> str:
-    """The task input of a chat request to a task adapter: its one user message, without the task prefix.
-
-    A task answers one input through the prompt it was trained on, so a system message or earlier
-    turns would be dropped unseen: they are refused instead, naming the message."""
+def _one_user_message(messages: list[Message]) -> None:
+    """Refuse a chat request to a task adapter unless it is one user message: routing took the task
+    input (`Route.text`) from it, and a task answers one input through the prompt it was trained on,
+    so a system message or earlier turns would be dropped unseen. The refusal names the message."""
     for i, message in enumerate(messages):
         if message.role != "user":
             raise APIError(400, f"messages[{i}] has role {message.role!r}: a task adapter answers one user "
@@ -180,7 +180,6 @@ def task_input(messages: list[Message], prefix: str) -> str:
         raise APIError(400, f"{len(messages)} messages: a task adapter answers one user message (the task "
                        "input); earlier turns would be dropped, so send one turn, or the conversation to "
                        "model 'base'", "unsupported_message", "messages")
-    return _strip(messages[0].text(), prefix)
 
 
 def _strip(text: str, prefix: str) -> str:

@@ -18,7 +18,7 @@ from mtft.router import fields as router_fields
 from mtft.router import responses
 from mtft.router.fields import CHAT, COMPLETION, PASS, check, honoured, reference_table
 from mtft.router.proxy import CHAT as CHAT_PATH
-from mtft.router.proxy import COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_logprobs, exchange
+from mtft.router.proxy import COMPLETIONS, ChatBody, CompletionBody, chat_answer, chat_logprobs, exchange, parse
 
 DOCS = Path(__file__).parents[1] / "docs" / "openai-api.md"
 BASE_REF = BaseModelRef(name="tiny", path="/models/tiny", fingerprint="sha256:" + "1" * 64)
@@ -85,7 +85,8 @@ def test_a_chat_request_to_a_task_carries_every_sampling_field_into_its_completi
         "model": "yesno", "messages": [{"role": "user", "content": "yesno: is it?"}], "top_k": 3, "min_p": 0.1,
         "repetition_penalty": 1.2, "seed": 4, "logprobs": True, "top_logprobs": 2, "metadata": {"x": "y"},
         "response_format": {"type": "json_object"}, "stop_token_ids": [5], "max_completion_tokens": 3})
-    call = exchange(body, CHAT_PATH, route(RouteRequest(model="yesno"), TABLE))
+    body, wanted = parse(body.model_dump(exclude_unset=True), CHAT_PATH, None)  # routing reads the user message
+    call = exchange(body, CHAT_PATH, route(wanted, TABLE))
     assert call.payload == {"model": "yesno-v1", "prompt": "yesno: is it?\nA:", "stream": False, "top_k": 3,
                             "min_p": 0.1, "repetition_penalty": 1.2, "seed": 4, "logprobs": 2,
                             "response_format": {"type": "json_object"}, "stop_token_ids": [5], "max_tokens": 3,
