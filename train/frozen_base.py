@@ -24,6 +24,17 @@ from .tasklora import TaskLoRA, peft_init
 log = logging.getLogger(__name__)
 
 
+def checkpoint_activations(model: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in backward (in train mode; evaluation is untouched).
+
+    Non-reentrant checkpointing: it backpropagates into the LoRA weights inside a layer although
+    the layer's input (from the frozen embedding) needs no gradient, so the input-grad hook the
+    reentrant variant needs (`enable_input_require_grads`) is not used; it also replays the
+    layer's RNG state, so dropout draws the same masks in the recompute.
+    """
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class FrozenBase:
     """The base model in the run's dtype and attention on its device, its registry reference and the
     spec's LoRA config; the initial LoRA every training starts from."""
@@ -42,6 +53,8 @@ class FrozenBase:
         self.model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=self.dtype,
                                                           attn_implementation=self.attention)
         self.model.to(device).requires_grad_(False)
+        if spec.training.gradient_checkpointing:
+            checkpoint_activations(self.model)
         self._initial: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # see initial_lora
 
     @property

@@ -196,10 +196,13 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop, ranks: Ranks,
         items = [plan.items[n][i] for n, i in rows]
         layout, row_runs = (_packed(items, grouped, t.max_length) if t.packing else (None, grouped))
         batch = {k: v.to(accelerator.device) for k, v in collate(items, setup.pad_id, layout).items()}
-        with plan.rows(row_runs), accelerator.autocast():
-            losses = answer_loss(plan.model, batch, plan.per_example)
-        # `first`: a step's once-only terms go into one forward of one process (the main has rows first).
-        accelerator.backward(plan.objective(losses, grouped, counts, first=m == 0 and ranks.is_main))
+        # Backward inside `rows`: with gradient checkpointing it reruns the forwards, which ask which
+        # task each row is for.
+        with plan.rows(row_runs):
+            with accelerator.autocast():
+                losses = answer_loss(plan.model, batch, plan.per_example)
+            # `first`: a step's once-only terms go into one forward of one process (the main has rows first).
+            accelerator.backward(plan.objective(losses, grouped, counts, first=m == 0 and ranks.is_main))
         start = 0
         for task, count in grouped:
             sums[task] += losses[start:start + count].sum().item()

@@ -37,7 +37,7 @@ from .vllm_eval import Adapter
 log = logging.getLogger(__name__)
 
 NOT_SHAPING = {"checkpoint_every", "threads", "eval_batch_size", "eval_engine",  # settings that change nothing learnt
-               "report_to", "report_project"}
+               "report_to", "report_project", "gradient_checkpointing"}
 
 
 class Session:

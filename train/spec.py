@@ -161,6 +161,11 @@ class TrainingSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         default="auto", description="the frozen base's dtype (adapters and optimizer stay float32); "
         "auto: bfloat16 where the hardware computes it natively, else float32")
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute the frozen base's activations in backward instead of keeping them: "
+        "the same gradients for about a third more compute, and activation memory of one decoder layer at a time "
+        "instead of all of them; turn it on when long rows (max_length) or large micro-batches run out of memory "
+        "(docs/training.md#memory)")
     attention: Literal["auto", "eager", "sdpa"] = Field(
         default="auto", description="the base's attention kernel in training and HF evaluation; auto: eager "
         "on CPU (its backward is faster there than torch's CPU flash attention), sdpa on GPU")
