@@ -6,6 +6,8 @@ be refused before training with what to do instead.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import yaml
@@ -84,3 +86,99 @@ def test_a_run_with_gradient_checkpointing_publishes_the_adapter_a_run_without_d
     assert checkpointed_losses == pytest.approx(plain_losses, rel=1e-6)
     assert max((plain[k] - checkpointed[k]).abs().max() for k in plain) < 1e-5
     assert max(w.abs().max() for k, w in plain.items() if "lora_B" in k) > 1e-3, "never trained"
+
+
+def spec_with(folder, base, quantization: dict | None = None, **training):
+    """The tiny spec with `training.base_quantization: quantization` and other training keys."""
+    path = tiny_spec(folder, base, **training)
+    if quantization is not None:
+        raw = yaml.safe_load(path.read_text())
+        raw["training"]["base_quantization"] = quantization
+        path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.slow
+def test_a_4bit_base_trains_and_publishes_an_ordinary_lora_served_on_the_full_base(tmp_path, tiny_base, trained):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from mtft.registry import Registry, fingerprint, servable_problems
+
+    path = spec_with(tmp_path, tiny_base, {"bits": 4, "type": "nf4"}, max_steps=12, eval_every=None)
+    options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg", tasks=["yesno"])
+    [result] = train_adapters(load_spec(path), options)
+    losses = [r["loss"] for r in run_log(options.output) if "loss" in r]
+    assert sum(losses[-3:]) < sum(losses[:3]), "loss did not go down on the 4-bit base"
+
+    # An ordinary LoRA: the full-precision base's module names, float32, the shapes plain training publishes.
+    _, plain_options, _ = trained
+    qlora, plain = adapter_weights(options.registry, "yesno"), adapter_weights(plain_options.registry, "yesno")
+    assert qlora.keys() == plain.keys()
+    assert all(qlora[k].dtype == torch.float32 and qlora[k].shape == plain[k].shape for k in plain)
+    record, problems = servable_problems(Registry(options.registry), "yesno", 1, fingerprint(tiny_base), 8)
+    assert problems == [] and record.metrics["adapter"] == result.adapter
+
+    # It loads with PEFT on the unquantized base and changes what that base computes.
+    base = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32)
+    ids = torch.tensor([[5, 17, 42, 99, 3]])
+    bare = base(input_ids=ids).logits
+    adapted = PeftModel.from_pretrained(base, Registry(options.registry).version_dir("yesno", 1))(input_ids=ids).logits
+    assert (adapted - bare).abs().max() > 1e-3
+
+
+def test_a_base_that_is_already_quantized_is_refused_at_check(tmp_path, tiny_base):
+    import json
+    import shutil
+
+    from helpers import cli
+
+    quantized = tmp_path / "gptq-base"
+    shutil.copytree(tiny_base, quantized)
+    config = json.loads((quantized / "config.json").read_text())
+    (quantized / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq"}}))
+    path = spec_with(tmp_path, quantized, {"bits": 4})
+    result = cli("adapters", "--config", str(path), "--check", "--registry", str(tmp_path / "reg"))
+    assert result.exit_code == 2, result.output
+    assert "training.base_quantization: base model" in result.output and "is already quantized (gptq)" in result.output
+    assert "point base_model at the unquantized checkpoint" in result.output
+
+
+@pytest.mark.parametrize("quantization, message", [
+    ({"bits": 8}, r"training\.base_quantization\.bits.*Input should be 4"),
+    ({"type": "int4"}, r"training\.base_quantization\.type.*'nf4' or 'fp4'"),
+    ({"bits": 4, "group": 64}, r"training\.base_quantization\.group.*unknown key"),
+])
+def test_a_bad_quantization_is_refused_with_its_line(tmp_path, tiny_base, quantization, message):
+    from mtft.train import SpecError
+
+    with pytest.raises(SpecError, match=message):
+        load_spec(spec_with(tmp_path, tiny_base, quantization))
+
+
+def test_a_4bit_run_without_bitsandbytes_says_which_extra_to_install(tmp_path, tiny_base):
+    import subprocess
+    import sys
+
+    from helpers import blocking_env
+
+    path = spec_with(tmp_path, tiny_base, {"bits": 4})
+    result = subprocess.run([sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(path), "--check",
+                             "--registry", str(tmp_path / "reg")], capture_output=True, text=True,
+                            env=blocking_env(tmp_path / "site", ("bitsandbytes",)))
+    assert result.returncode == 2, result.stderr
+    assert re.search(r"tasks\.yaml:\d+: training\.base_quantization: needs bitsandbytes, which is not installed: "
+                     r"pip install 'mtft\[qlora\]'", result.stdout + result.stderr)
+
+
+def test_a_backend_that_cannot_run_the_4bit_product_is_refused_with_its_reason(tiny_base):
+    from mtft.train.quantization import base_problems
+    from mtft.train.spec import QuantizationSpec
+
+    assert base_problems(QuantizationSpec(), tiny_base, torch.float32, torch.device("cpu")) == []
+    assert base_problems(QuantizationSpec(type="fp4", double_quant=True), tiny_base, torch.bfloat16,
+                         torch.device("cpu")) == []
+    # The meta device computes nothing: the product fails there as an unusable backend would.
+    [problem] = base_problems(QuantizationSpec(), tiny_base, torch.float32, torch.device("meta"))
+    assert problem.startswith("training.base_quantization: bitsandbytes cannot run a 4-bit nf4 product in float32 "
+                              "on meta (") and "set training.dtype to one it runs" in problem

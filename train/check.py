@@ -1,7 +1,7 @@
 """What a run is asked to do (`RunOptions`) and everything that can fail on its input, checked first.
 
-`check_run` validates the spec's selected tasks, their data rows, the base model, the target
-modules and the registry before any training, reporting every problem at once; it is all
+`check_run` validates the spec's selected tasks, their data rows, the base model (and whether it
+can train 4-bit, where the spec asks), the target modules and the registry before any training, reporting every problem at once; it is all
 `--check` runs, and its `Checked` is what a run starts from.
 """
 
@@ -10,12 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from jinja2.exceptions import TemplateError
 
 from mtft.registry import PromptTemplate, Registry, render_prompt
 
 from .base import resolve_base
 from .data import TaskData, load_task_data
+from .hardware import choose_dtype
+from .quantization import base_problems
 from .spec import Spec, SpecError, TaskSpec
 from .targets import target_modules
 
@@ -50,6 +53,10 @@ def check_run(spec: Spec, options: RunOptions) -> Checked:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     templates = {t.name: _with_chat_template(t.template, tokenizer, t.name) for t in tasks}
     modules, problems = target_modules(spec, base_dir)
+    if spec.training.base_quantization is not None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        problems += base_problems(spec.training.base_quantization, base_dir,
+                                  choose_dtype(spec.training.dtype, device)[0], device)
     data = {}
     for task in tasks:
         try:

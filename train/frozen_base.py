@@ -18,6 +18,7 @@ from mtft.registry import BaseModelRef, fingerprint
 
 from .check import Checked
 from .hardware import choose_attention, choose_dtype
+from .quantization import load_config
 from .spec import Spec
 from .tasklora import TaskLoRA, peft_init
 
@@ -50,9 +51,18 @@ class FrozenBase:
         self.attention, reason = choose_attention(spec.training.attention, device)
         log.info("attention: %s (%s)", self.attention, reason)
         torch.manual_seed(spec.training.seed)
-        self.model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=self.dtype,
-                                                          attn_implementation=self.attention)
-        self.model.to(device).requires_grad_(False)
+        quantization = spec.training.base_quantization
+        if quantization is None:
+            self.model = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=self.dtype,
+                                                              attn_implementation=self.attention)
+            self.model.to(device)
+        else:  # bitsandbytes quantizes as it loads, on the device (a 4-bit model cannot be moved after)
+            log.info("base model loaded %d-bit %s by bitsandbytes (training.base_quantization)",
+                     quantization.bits, quantization.type)
+            self.model = AutoModelForCausalLM.from_pretrained(
+                checked.base_dir, dtype=self.dtype, attn_implementation=self.attention, device_map={"": device},
+                quantization_config=load_config(quantization, self.dtype))
+        self.model.requires_grad_(False)
         if spec.training.gradient_checkpointing:
             checkpoint_activations(self.model)
         self._initial: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # see initial_lora

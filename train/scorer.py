@@ -127,7 +127,9 @@ class Scorer:
 
     def _zero_shot_key(self, task: TaskSpec) -> str:
         examples = [(e.prompt, e.target) for e in self.checked.data[task.name].eval]
+        quantization = self.spec.training.base_quantization
         key = {"format": 2, "base": self.base.ref.fingerprint, "dtype": str(self.base.dtype),
+               **({"quantization": quantization.model_dump()} if quantization and self.evaluator is None else {}),
                "end_ids": self.end_ids(task),
                "task": task.model_dump(mode="json", include={"metric", "labels", "max_new_tokens"}),
                "batch": self.spec.training.eval_batch_size, "examples": examples,

@@ -134,6 +134,16 @@ class LoraSpec(Strict):
         return self
 
 
+class QuantizationSpec(Strict):
+    """The frozen base loaded 4-bit by bitsandbytes (QLoRA); its compute dtype is `training.dtype`."""
+
+    bits: Literal[4] = Field(default=4, description="4 (QLoRA); 8-bit bases are not supported")
+    type: Literal["nf4", "fp4"] = Field(default="nf4", description="nf4: NormalFloat, QLoRA's choice for "
+                                        "normally distributed weights; fp4: plain 4-bit float")
+    double_quant: bool = Field(default=False, description="also quantize the per-block scales: about 0.4 bit "
+                               "per parameter less (~3 GB on a 70B base)")
+
+
 class TrainingSpec(Strict):
     max_steps: int | None = Field(default=None, gt=0, description="optimizer steps per task (shared: × tasks in all)")
     epochs: float | None = Field(default=None, gt=0, description="used when max_steps is unset")
@@ -165,6 +175,10 @@ class TrainingSpec(Strict):
         default=False, description="recompute the frozen base's activations in backward instead of keeping them: "
         "the same gradients for about a third more compute, and activation memory of one decoder layer at a time "
         "instead of all of them; turn it on when long rows (max_length) or large micro-batches run out of memory "
+        "(docs/training.md#memory)")
+    base_quantization: QuantizationSpec | None = Field(
+        default=None, description="load the frozen base 4-bit with bitsandbytes (QLoRA, pip install 'mtft[qlora]'): "
+        "a quarter of bf16's memory for the base; the adapter is an ordinary LoRA served on the full-precision base "
         "(docs/training.md#memory)")
     attention: Literal["auto", "eager", "sdpa"] = Field(
         default="auto", description="the base's attention kernel in training and HF evaluation; auto: eager "

@@ -1,7 +1,7 @@
 """Reading a task spec file: its YAML into a validated `Spec`, every problem reported at once with its line.
 
 Pydantic checks each field; the cross checks here need the whole spec (unique task names and
-prefixes, data files that exist, trackers that are installed, per-task tables under `multitask`
+prefixes, data files that exist, trackers and bitsandbytes that are installed, per-task tables under `multitask`
 naming exactly the spec's tasks). Each problem names the YAML line it came from.
 """
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from .quantization import installed_problems
 from .spec import Spec, SpecError
 from .trackers import tracker_problems
 
@@ -100,6 +101,9 @@ def _cross_checks(spec: Spec, root, path: Path) -> list[str]:
     if spec.training.report_to:
         where = f"{path}:{_line_of(root, ('training', 'report_to'))}: training.report_to"
         problems += [f"{where}: {problem}" for problem in tracker_problems(spec.training.report_to)]
+    if spec.training.base_quantization is not None:
+        where = f"{path}:{_line_of(root, ('training', 'base_quantization'))}: training.base_quantization"
+        problems += [f"{where}: {problem}" for problem in installed_problems()]
     return problems + _multitask_checks(spec, root, path)
 
 
