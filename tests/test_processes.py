@@ -1,4 +1,5 @@
-"""Training on several processes (`accelerate launch`, 2 CPU processes over gloo) equals one process.
+"""Training on several processes (`accelerate launch`, 2 CPU processes over gloo) equals one process,
+with the frozen base whole on every process or sharded over them (FSDP2).
 
 Each launch costs ~25 s on 2 cores (two interpreters importing torch); the 1-process references
 are the session fixtures `trained` and `shared_trained`, made with the same specs.
@@ -25,17 +26,18 @@ from conftest import tiny_spec
 from helpers import adapter_weights, run_log
 
 CONFIG = Path(__file__).parents[1] / "deploy" / "accelerate" / "1node-cpu.yaml"
+FSDP_CONFIG = CONFIG.with_name("1node-cpu-fsdp.yaml")  # the frozen base sharded over the 2 processes
 # Summing two processes' partial gradients reorders float sums (~1e-7); Adam turns that into
 # differences of ~1e-6 after a dozen steps (measured 1.3e-6), far below what training moves (>1e-2).
 WEIGHT_TOLERANCE = 1e-4
 
 
-def launch(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(*args: str, timeout: int = 300, config: Path = CONFIG) -> subprocess.CompletedProcess:
     """`accelerate launch` of mtft-train with 2 processes of 1 thread each, as a user would run it."""
     with socket.socket() as s:  # a free rendezvous port: other launches may run beside this one
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                "--main_process_port", str(port), "-m", "mtft.train.cli", *args, "--threads", "1"]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout,
                           env=os.environ | {"OMP_NUM_THREADS": "1"})
@@ -55,11 +57,13 @@ def step_rows(output: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_train_the_adapters_one_process_trains(trained, tmp_path):
+@pytest.mark.parametrize("config", [CONFIG, FSDP_CONFIG], ids=["data-parallel", "fsdp"])
+def test_two_processes_train_the_adapters_one_process_trains(trained, tmp_path, config):
     spec, options, _ = trained
     result = launch("adapters", "--config", str(spec.source), "--registry", str(tmp_path / "reg"),
-                    "--output", str(tmp_path / "run"))
+                    "--output", str(tmp_path / "run"), config=config)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert ("base model sharded over 2 processes (FSDP2" in result.stderr) == (config == FSDP_CONFIG)
     assert_same_adapters(tmp_path / "reg", options.registry, ["yesno", "echo"])
     assert result.stdout.count("adapters published to") == 1, "every process printed the table"
     mine, ref = step_rows(tmp_path / "run"), step_rows(options.output)
@@ -85,7 +89,8 @@ class Killed(Exception):
 
 
 @pytest.mark.slow
-def test_a_shared_run_stopped_on_one_process_resumes_on_two(shared_trained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("config", [CONFIG, FSDP_CONFIG], ids=["data-parallel", "fsdp"])
+def test_a_shared_run_stopped_on_one_process_resumes_on_two(shared_trained, tmp_path, monkeypatch, config):
     folder, spec_path, _ = shared_trained
     save = train_loop._save
 
@@ -100,7 +105,7 @@ def test_a_shared_run_stopped_on_one_process_resumes_on_two(shared_trained, tmp_
     assert not Registry(tmp_path / "reg").versions("yesno")
 
     result = launch("shared", "--config", str(spec_path), "--registry", str(tmp_path / "reg"),
-                    "--output", str(tmp_path / "run"), "--resume")
+                    "--output", str(tmp_path / "run"), "--resume", config=config)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "shared: resuming at step 8" in result.stderr
     rows = step_rows(tmp_path / "run")
@@ -122,10 +127,17 @@ def test_a_batch_that_does_not_divide_by_the_processes_fails_before_training(tin
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_launch_that_shards_the_base_is_refused_with_what_to_use():
-    [problem] = check_processes(8, 4, "FSDP")
-    assert "distributed_type FSDP is not supported" in problem and "MULTI_GPU" in problem
+def test_a_launch_mtft_cannot_run_is_refused_with_what_to_use():
+    [deepspeed] = check_processes(8, 4, "DEEPSPEED")
+    assert "DEEPSPEED is not supported" in deepspeed and "use FSDP (deploy/accelerate/1node-ngpu-fsdp.yaml" in deepspeed
+    [fsdp1] = check_processes(8, 4, "FSDP", fsdp_version=1)
+    assert "fsdp_version 1 is not supported" in fsdp1 and "set fsdp_version: 2" in fsdp1
+    [quantized] = check_processes(8, 4, "FSDP", fsdp_version=2, quantized=True)
+    assert quantized.startswith("training.base_quantization with FSDP is not supported") and "1node-ngpu.yaml" in quantized
+    [other] = check_processes(8, 4, "XLA")
+    assert "distributed_type XLA is not supported" in other and "MULTI_GPU" in other
     assert check_processes(8, 4, "MULTI_GPU") == [] and check_processes(8, 1, "NO") == []
+    assert check_processes(8, 4, "FSDP", fsdp_version=2) == [] and check_processes(8, 4, "MULTI_GPU", quantized=True) == []
     assert check_processes(6, 4, "MULTI_CPU")[0].startswith("training.batch_size 6 does not divide into the 4")
 
 

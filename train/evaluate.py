@@ -70,6 +70,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, end_ids:
             do_sample=False,
             eos_token_id=end_ids,
             pad_token_id=pad_id,
+            # One process generates; transformers would otherwise wait for the others at every token on a
+            # sharded (FSDP) base, whose weights `FrozenBase.whole` has gathered for this process already.
+            synced_gpus=False,
         )
         answers += decode_answers(tokenizer, out[:, width:].tolist(), end_ids)
     model.train(was_training)

@@ -1,4 +1,5 @@
-"""The run's frozen base model: loaded once, and the one owner of its `nn.Module`.
+"""The run's frozen base model: loaded once (4-bit where the spec asks, sharded under FSDP), and the
+one owner of its `nn.Module`.
 
 Training puts task LoRA layers into it (`task_layers`), the publish gate a published adapter
 (`adapter`); each is a `with` block that hands the base back bare on leaving, so a recipe
@@ -66,6 +67,41 @@ class FrozenBase:
         if spec.training.gradient_checkpointing:
             checkpoint_activations(self.model)
         self._initial: tuple[dict[str, torch.Tensor], torch.Tensor] | None = None  # see initial_lora
+        self._shards: list | None = None  # the FSDP units of a sharded base (`shard`)
+        self._reshard = True
+
+    def shard(self, accelerator) -> None:
+        """Shard the base over the launch's processes with accelerate's FSDP2 (its plugin's wrap policy,
+        resharding and offload): each holds 1/N of every decoder layer and gathers a layer's weights
+        while it computes. The LoRA layers go in afterwards, so FSDP never sees them: they stay whole
+        on every process and their gradients are summed as without sharding (`processes.py`)."""
+        from accelerate.utils import fsdp2_prepare_model
+        from torch.distributed.fsdp import FSDPModule
+
+        self.initial_lora()  # PEFT draws it on the whole base, before any weight is a shard
+        self.model = fsdp2_prepare_model(accelerator, self.model)
+        self._shards = [m for m in self.model.modules() if isinstance(m, FSDPModule)]
+        self._reshard = accelerator.state.fsdp_plugin.reshard_after_forward
+        log.info("base model sharded over %d processes (FSDP2, %d units)", accelerator.num_processes, len(self._shards))
+
+    @contextmanager
+    def whole(self) -> Iterator[None]:
+        """Inside, every process holds the whole base and the main one may run forwards alone
+        (evaluation, the publish gate); every process must enter together. A no-op unsharded."""
+        if self._shards is None:
+            yield
+            return
+        for unit in self._shards:
+            unit.unshard()
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            # The root keeps its weights gathered between forwards, as accelerate set it up.
+            for unit in self._shards:
+                if unit is not self.model:
+                    unit.set_reshard_after_forward(self._reshard, recurse=False)
+                unit.reshard()
 
     @property
     def dtype_name(self) -> str:

@@ -191,6 +191,8 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop, ranks: Ranks,
     else:
         width = max(1, t.batch_size // ranks.count // 2)
         chunks = [rows for part in parts if part for rows in forwards(part, plan.items, plan.tasks, width)]
+    # Agreed before any forward: on a sharded base each pass gathers weights with every process.
+    idle = ranks.most(len(chunks)) - len(chunks)
     for m, rows in enumerate(chunks):
         grouped = runs(rows)
         items = [plan.items[n][i] for n, i in rows]
@@ -208,11 +210,29 @@ def _forward_backward(plan: StepPlan, draw: Draw, setup: Loop, ranks: Ranks,
             sums[task] += losses[start:start + count].sum().item()
             start += count
         tokens += int(batch["attention_mask"].sum())
+    for _ in range(idle):
+        _idle_pass(plan, setup, params)
     names = list(counts)
     *summed, tokens = ranks.sum_gradients(params, [sums[n] for n in names] + [tokens])
     sums = dict(zip(names, summed))
     whole = sum(counts.values())
     return {n: TaskStep(sums[n] / counts[n], examples[n], targets[n], counts[n] / whole) for n in counts}, int(tokens)
+
+
+def _idle_pass(plan: StepPlan, setup: Loop, params: list[torch.nn.Parameter]) -> None:
+    """A forward and backward that changes no gradient, for a process with fewer forwards than another
+    in a step on a sharded base, whose every pass gathers weights with every process: one example
+    at zero weight, and a parameter that had no gradient before has none after (adding zeros to one
+    that had changes nothing), so what the optimizers see is what they would without it."""
+    task = plan.tasks[0]
+    batch = {k: v.to(setup.accelerator.device) for k, v in collate([plan.items[task][0]], setup.pad_id).items()}
+    bare = [p for p in params if p.grad is None]
+    with plan.rows([(task, 1)]):
+        with setup.accelerator.autocast():
+            losses = answer_loss(plan.model, batch, plan.per_example)
+        setup.accelerator.backward(losses.sum() * 0)
+    for p in bare:
+        p.grad = None
 
 
 def _packed(items: list[Tokenized], grouped: list[tuple[str, int]], capacity: int):

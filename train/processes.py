@@ -12,7 +12,18 @@ parameters untouched (a finished task's adapter in one pass, the embedding of a 
 a shared step), and the uncertainty weights live outside the model. One explicit sum per step
 over the trainable tensors is DDP's arithmetic without its constraints, and a parameter no
 process touched keeps no gradient, so AdamW skips it exactly as it does in one process.
-FSDP and DeepSpeed shard the frozen base instead; they are refused with a clear message.
+
+A base too big for one device is sharded with FSDP2 (`accelerate launch` with an FSDP config,
+`fsdp_version: 2`; `FrozenBase.shard`). Only the frozen base is: the LoRA layers are put in after
+sharding, so FSDP never sees them, and they are trained exactly as above (whole on every process,
+gradients summed once per step). Wrapping them in FSDP instead would have FSDP reduce-scatter
+their gradients in every backward, which cannot leave a parameter that no process touched without
+a gradient, and would shard the optimizer state of a few megabytes to save nothing; keeping them
+outside keeps one process == N processes exact, with sharding or without. What sharding adds is
+lockstep: every forward and backward gathers the base's weights with every process, so each
+process runs as many as the busiest (`Ranks.most`, the loop's idle passes), and the main
+process's evaluations run on the base gathered whole (`FrozenBase.whole`). DeepSpeed is refused
+with a message that points at FSDP.
 
 Files, the registry and evaluation belong to the main process; what steers training (scores)
 is broadcast from it (`Ranks.from_main`).
@@ -37,18 +48,47 @@ COLLECTIVE_TIMEOUT = timedelta(hours=2)
 DATA_PARALLEL = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU"}
 
 
-def check_processes(batch_size: int, processes: int, distributed_type: str) -> list[str]:
+def check_processes(batch_size: int, processes: int, distributed_type: str, fsdp_version: int | None = None,
+                    quantized: bool = False) -> list[str]:
     """What makes a launch unusable for this spec; every problem at once, before any training."""
     problems = []
-    if distributed_type not in DATA_PARALLEL:
+    if distributed_type == "DEEPSPEED":
+        problems.append("accelerate distributed_type DEEPSPEED is not supported: to shard a base too big for one "
+                        "device use FSDP (deploy/accelerate/1node-ngpu-fsdp.yaml; 1node-cpu-fsdp.yaml on CPUs)")
+    elif distributed_type == "FSDP" and fsdp_version != 2:
+        problems.append(f"accelerate FSDP with fsdp_version {fsdp_version} is not supported: mtft-train shards the "
+                        "frozen base with FSDP2 (fully_shard); set fsdp_version: 2 in the accelerate config "
+                        "(deploy/accelerate/1node-ngpu-fsdp.yaml)")
+    elif distributed_type == "FSDP" and quantized:
+        problems.append("training.base_quantization with FSDP is not supported: FSDP2 cannot shard bitsandbytes' "
+                        "packed 4-bit weights (each process would hold them all); use a data-parallel config "
+                        "(deploy/accelerate/1node-ngpu.yaml) with the 4-bit base, or FSDP with a full-precision base")
+    elif distributed_type not in DATA_PARALLEL | {"FSDP"}:
         problems.append(f"accelerate distributed_type {distributed_type} is not supported: mtft-train trains with "
-                        "data parallelism over N processes (distributed_type MULTI_GPU, or MULTI_CPU on CPUs); "
-                        "use deploy/accelerate/1node-ngpu.yaml or multinode.yaml")
+                        "data parallelism over N processes (distributed_type MULTI_GPU, or MULTI_CPU on CPUs), "
+                        "the base sharded with FSDP or not; use deploy/accelerate/1node-ngpu.yaml, "
+                        "1node-ngpu-fsdp.yaml or multinode.yaml")
     if batch_size % processes:
         problems.append(f"training.batch_size {batch_size} does not divide into the {processes} processes of this "
                         f"launch: every process takes batch_size / processes examples of each micro-batch; make "
                         f"batch_size a multiple of {processes} or launch a number of processes that divides it")
     return problems
+
+
+def fsdp_plugin(accelerator):
+    """The FSDP plugin of an `accelerate launch` with an FSDP config, else None.
+
+    accelerate makes a launch FSDP only on accelerators; on CPUs it runs the processes as MULTI_CPU
+    and would drop the config without a word. The plugin is then built from the same launch
+    settings and put where accelerate's FSDP2 preparation reads it, so the base is sharded (over
+    gloo) as the config asks.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        from accelerate.utils import FullyShardedDataParallelPlugin
+
+        plugin = accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    return plugin
 
 
 def start_accelerator(report_to: Sequence[str] = (), folder: Path | None = None):
@@ -76,6 +116,8 @@ class Ranks:
         self.accelerator = accelerator
         self.rank, self.count = accelerator.process_index, accelerator.num_processes
         self.is_main = accelerator.is_main_process
+        # A sharded base gathers its weights in every forward and backward, with every process at once.
+        self.lockstep = self.count > 1 and getattr(getattr(accelerator, "state", None), "fsdp_plugin", None) is not None
 
     @property
     def local_count(self) -> int:
@@ -117,6 +159,12 @@ class Ranks:
                 params[i].grad = grads[at:at + size].view_as(params[i]).to(params[i].dtype).clone()
                 at += size
         return head[len(params):]
+
+    def most(self, count: int) -> int:
+        """The largest `count` of any process where the processes run in lockstep (a sharded base), else `count`."""
+        if not self.lockstep:
+            return count
+        return int(self.accelerator.reduce(torch.tensor([count], device=self.accelerator.device), reduction="max"))
 
     def from_main(self, compute: Callable[[], T]) -> T:
         """`compute()` on the main process only; every process returns its result."""

@@ -24,7 +24,7 @@ from .check import Checked, RunOptions
 from .evaluate import end_ids
 from .frozen_base import FrozenBase
 from .hardware import set_threads
-from .processes import Ranks, check_processes, start_accelerator
+from .processes import Ranks, check_processes, fsdp_plugin, start_accelerator
 from .publisher import Publisher
 from .results import TaskResult, write_results
 from .runlog import RunLog, plot
@@ -47,8 +47,11 @@ class Session:
     def __init__(self, spec: Spec, options: RunOptions, checked: Checked):
         self.spec, self.options, self.checked, self.tasks = spec, options, checked, checked.tasks
         self.accelerator = start_accelerator(spec.training.report_to, options.output)
+        plugin = fsdp_plugin(self.accelerator)  # before Ranks, which reads it
         self.ranks = ranks = Ranks(self.accelerator)
-        problems = check_processes(spec.training.batch_size, ranks.count, str(self.accelerator.distributed_type.value))
+        problems = check_processes(spec.training.batch_size, ranks.count,
+                                   "FSDP" if plugin else str(self.accelerator.distributed_type.value),
+                                   plugin.fsdp_version if plugin else None, spec.training.base_quantization is not None)
         if problems:
             raise SpecError(str(spec.source), problems)
         if not ranks.is_main:  # every process runs the same program: the main one logs for all
@@ -67,6 +70,8 @@ class Session:
                 self.log.clear()
         set_threads(spec.training.threads, ranks.local_count)
         self.base = FrozenBase(spec, checked, self.accelerator.device)
+        if plugin is not None:
+            self.base.shard(self.accelerator)
         self.scorer = Scorer(spec, checked, self.base, options.output, self.registry) if ranks.is_main else None
         self.publisher = (Publisher(spec, checked, self.base, self.registry, self.scorer, options.output)
                           if ranks.is_main else None)
@@ -109,22 +114,24 @@ class Session:
     def score_base(self) -> None:
         """Zero-shot scores of every selected task not yet scored (kept across resumes; `Scorer.zero_shot`
         caches them across runs). The main process scores; every process gets its state."""
-        if self.ranks.is_main:
-            for task in self.tasks:
-                state = self.state.task(task.name)
-                if state.base_score is not None or state.version is not None:
-                    continue
-                state.base_score, state.base_interval, how = self.scorer.zero_shot(task)
-                self.save_state()
-                log.info("%s: base model %s = %.3f (%s)", task.name, task.metric, state.base_score, how)
-        self.state = self.ranks.from_main(lambda: self.state)
+        with self.base.whole():
+            if self.ranks.is_main:
+                for task in self.tasks:
+                    state = self.state.task(task.name)
+                    if state.base_score is not None or state.version is not None:
+                        continue
+                    state.base_score, state.base_interval, how = self.scorer.zero_shot(task)
+                    self.save_state()
+                    log.info("%s: base model %s = %.3f (%s)", task.name, task.metric, state.base_score, how)
+            self.state = self.ranks.from_main(lambda: self.state)
 
     def score(self, model, task: TaskSpec, label: str, adapter: Adapter = None) -> float:
         """The task's metric on its held-out split, greedy, as the router would answer (`Scorer.evaluate`).
 
         The main process evaluates; every process gets the score (dynamic mixing may follow it).
         """
-        return self.ranks.from_main(lambda: self._score(model, task, label, adapter))
+        with self.base.whole():
+            return self.ranks.from_main(lambda: self._score(model, task, label, adapter))
 
     def _score(self, model, task: TaskSpec, label: str, adapter: Adapter) -> float:
         result = self.scorer.evaluate(model, task, label, adapter)
@@ -140,8 +147,9 @@ class Session:
         Once, by the main process; every process learns the version.
         """
         state = self.state.task(task.name)
-        state.version, state.gate = self.ranks.from_main(
-            lambda: self.publisher.publish(task, state, weights, trained_by, run_log, steps))
+        with self.base.whole():  # the gate may score the serving version
+            state.version, state.gate = self.ranks.from_main(
+                lambda: self.publisher.publish(task, state, weights, trained_by, run_log, steps))
         self.save_state()
         if state.gate is not None and not state.gate.passed:
             log.warning("%s: v%d failed its publish gate (%s): published as rejected, not served",
