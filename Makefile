@@ -8,7 +8,7 @@ export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_OFFLINE := 1
 
-.PHONY: venv kernel demo test test-fast bench bench-real clean
+.PHONY: venv kernel demo test test-fast bench bench-real images deploy-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,18 @@ DATA ?= ../shared/data
 bench-real: venv
 	$(BIN)/mtft-train prepare-base smollm2-135m
 	$(BIN)/python bench/multitask_real.py --data $(DATA) --out runs/bench-real
+
+# Docker images mtft:cpu and mtft:router from the working tree (needs a Docker engine: README, Deploy).
+# It prints the base image, pip settings and builder it picked, and why; BASE_IMAGE and
+# PIP_SETTINGS choose them (deploy/build_images.py). Not part of `make test`.
+images:
+	$(PYTHON) deploy/build_images.py
+
+# The built images run the stack in containers on the host network: train, serve, hot-add, the
+# scale-out layout with a backend killed mid-traffic, non-root; removes everything it started.
+# About 6 minutes on 2 cores (deploy/check.py). Not part of `make test`.
+deploy-check: venv
+	$(BIN)/python deploy/check.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -2,7 +2,8 @@
 and one checker per kind of file (Dockerfile stages, Kubernetes objects, compose services).
 
 Each checker returns a list of problems, so a test asserts it is empty and a negative control
-feeds it a broken copy. tests/test_deploy.py and tests/test_deploy_scale.py use them."""
+feeds it a broken copy. tests/test_deploy.py and tests/test_deploy_scale.py use them; the compose
+files' checker is tests/compose_checks.py."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ VLLM_PROBE_ROUTES = ("/health",)
 THIRD_PARTY_ENV = {
     "PYTHONUNBUFFERED": "python", "PIP_NO_CACHE_DIR": "pip", "PIP_DISABLE_PIP_VERSION_CHECK": "pip",
     "HF_HUB_OFFLINE": "huggingface_hub", "TOKENIZERS_PARALLELISM": "tokenizers", "OMP_NUM_THREADS": "OpenMP",
+    "PATH": "the shell (the images put their venv first)",
 }
 SECRET_ENV = ("MTFT_API_KEYS", "MTFT_ADMIN_KEY")
 UNITS = {"": 1, "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "k": 1e3, "M": 1e6, "G": 1e9,  # Kubernetes
@@ -108,13 +110,23 @@ class Stage:
     copies: list[str] = field(default_factory=list)
     copied_from: list[tuple[str, str]] = field(default_factory=list)  # COPY --from=STAGE SOURCE: (STAGE, SOURCE)
     exposed: list[int] = field(default_factory=list)
+    user: str = "0"
+
+
+def dockerfile_args(text: str) -> dict[str, str]:
+    """The build arguments declared before the first FROM, with their defaults."""
+    header = text.split("\nFROM ", 1)[0]
+    return dict(line.split(None, 1)[1].partition("=")[::2] for line in header.splitlines() if line.startswith("ARG "))
 
 
 def dockerfile_stages(text: str) -> dict[str, Stage]:
+    """Each stage as the default build sees it: ${ARG} in FROM and COPY replaced by the argument's default."""
     stages: dict[str, Stage] = {}
+    args = dockerfile_args(text)
     for line in re.sub(r"\\\n", " ", text).splitlines():
         instruction, _, rest = line.strip().partition(" ")
         instruction = instruction.upper()
+        rest = re.sub(r"\$\{(\w+)\}", lambda m: args.get(m.group(1), m.group(0)), rest)
         if instruction == "FROM":
             words = rest.split()
             stage = Stage(words[2] if len(words) > 2 else f"stage{len(stages)}", words[0])
@@ -128,10 +140,12 @@ def dockerfile_stages(text: str) -> dict[str, Stage]:
         elif instruction == "CMD":
             stage.cmd = json.loads(rest)
         elif instruction == "COPY" and "--from=" not in rest:
-            stage.copies += rest.split()[:-1]
+            stage.copies += [source.rstrip("/") for source in rest.split()[:-1]]
         elif instruction == "COPY":
             source_stage, *sources = rest.removeprefix("--from=").split()[:-1]
             stage.copied_from += [(source_stage, source) for source in sources]
+        elif instruction == "USER":
+            stage.user = rest.split(":")[0]
         elif instruction == "EXPOSE":
             stage.exposed += [int(port.split("/")[0]) for port in rest.split()]
     return stages
@@ -143,9 +157,18 @@ def stages() -> dict[str, Stage]:
 
 
 def ignored(path: str) -> bool:
-    patterns = [p.strip() for p in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    """Whether /.dockerignore keeps `path` out of the build context (the last pattern matching it or a
+    folder above it decides; `!` lets it back in)."""
+    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
-    return any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p.removeprefix("**/")) for p in patterns)
+    parts = Path(path).parts
+    folders = ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    excluded = False
+    for pattern in patterns:
+        glob = pattern.removeprefix("!")
+        if any(fnmatch.fnmatch(f, glob) or fnmatch.fnmatch(f, glob.removeprefix("**/")) for f in folders):
+            excluded = not pattern.startswith("!")
+    return excluded
 
 
 def dockerfile_problems(found: dict[str, Stage]) -> list[str]:
@@ -188,6 +211,7 @@ class Container:
     memory_request_gib: float | None = None
     memory_limit_gib: float | None = None
     shm_gib: float = 0.0
+    host_network: bool = False  # compose's network_mode: host: no ports of its own, loopback is the host's
 
 
 def cli_problems(where: str, argv: list[str]) -> list[str]:
@@ -249,9 +273,15 @@ def serve_problems(c: Container, params: dict) -> list[str]:
     port = params.get("port") or ServeConfig.model_fields["port"].default
     what = "vLLM" if params.get("vllm_only") else "the router"
     routes = VLLM_PROBE_ROUTES if params.get("vllm_only") else sorted(probe_routes())
-    if params.get("host") not in ("0.0.0.0", "::"):
+    if c.host_network and params.get("vllm_only") and params.get("host") != "127.0.0.1":
+        problems.append(f"{c.where}: --host {params.get('host')}: on the host's network vLLM must listen on "
+                        "127.0.0.1 only (its runtime adapter loading must not be reachable from other machines)")
+    elif c.host_network and params.get("host") not in ("127.0.0.1", "0.0.0.0", "::"):
+        problems.append(f"{c.where}: --host {params.get('host')}: on the host's network {what} listens on "
+                        "127.0.0.1 (this machine) or 0.0.0.0")
+    elif not c.host_network and params.get("host") not in ("0.0.0.0", "::"):
         problems.append(f"{c.where}: --host {params.get('host')}: {what} must listen on 0.0.0.0 in a container")
-    if port not in c.ports.values():
+    if not c.host_network and port not in c.ports.values():
         problems.append(f"{c.where}: {what} listens on {port}, the container declares {sorted(c.ports.values())}")
     for path, probe_port in c.probes:
         if path not in routes:
@@ -366,33 +396,6 @@ def k8s_problems(objects: list[dict]) -> list[str]:
             problems += [f"Service/{obj['metadata']['name']}: targetPort {p['targetPort']} matches no pod port {names}"
                          for p in obj["spec"]["ports"] if not pods or p["targetPort"] not in names]
     return problems
-
-
-# ---- compose ---------------------------------------------------------------------------------
-
-def compose_problems(compose: dict) -> list[str]:
-    problems = []
-    for name, service in compose["services"].items():
-        where = f"compose {name}"
-        if service.get("build", {}).get("target") != service["image"].rpartition(":")[2]:
-            problems.append(f"{where}: image {service['image']} is not the build target's name")
-        named = {v.split(":")[0] for v in service.get("volumes", [])} - set(compose.get("volumes", {}))
-        problems += [f"{where}: volume {v} is not declared under volumes:" for v in sorted(named)]
-        mounts = {v.split(":")[1]: (v.split(":")[0], v.endswith(":ro")) for v in service.get("volumes", [])}
-        mounts.update({path: ("tmpfs", False) for path in service.get("tmpfs", [])})
-        check = " ".join(service.get("healthcheck", {}).get("test", []))
-        probes = [(u.path, u.port) for u in map(urlparse, re.findall(r"http://[^'\"\s]+", check))]
-        problems += container_problems(Container(
-            where, service["command"], {k: str(v) for k, v in service.get("environment", {}).items()},
-            mounts=mounts, ports={p: int(p.split(":")[-1]) for p in service.get("ports", []) + service.get("expose", [])}, probes=probes,
-            image=service["image"], memory_limit_gib=gib(service["mem_limit"]) if "mem_limit" in service else None,
-            shm_gib=gib(service.get("shm_size", 0))))
-    return problems
-
-
-@functools.cache
-def compose(name: str = "compose.yaml") -> dict:
-    return yaml.safe_load((DEPLOY / name).read_text())
 
 
 def serve_deployment() -> dict:

@@ -16,9 +16,9 @@ import re
 import pytest
 import yaml
 from accelerate.commands.config.config_args import ClusterConfig
-from deploy_checks import (DEPLOY, K8S, SECRET_TEMPLATE, compose, compose_problems, dockerfile_problems,
-                           dockerfile_stages, ignored, k8s_problems, kustomizations, render, schema_problems,
-                           serve_deployment, stages)
+from compose_checks import compose, compose_problems
+from deploy_checks import (DEPLOY, K8S, SECRET_TEMPLATE, dockerfile_problems, dockerfile_stages, ignored, k8s_problems,
+                           kustomizations, render, schema_problems, serve_deployment, stages)
 
 
 def test_every_yaml_file_under_deploy_parses():
@@ -76,7 +76,8 @@ def test_dockerfile_agrees_with_the_code():
 
 
 def test_the_dockerignore_keeps_local_state_out_of_the_images():
-    assert all(ignored(path) for path in (".venv", ".git", "runs", "tests", "serve/__pycache__"))
+    assert all(ignored(path) for path in (".venv", ".git", "runs", "tests", "serve/__pycache__", "deploy/Dockerfile"))
+    assert not any(ignored(path) for path in ("train/demo/tasks.yaml", "serve/cli.py", "deploy/pip/pip.conf"))
 
 
 @pytest.mark.parametrize("path", sorted((DEPLOY / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
@@ -134,7 +135,20 @@ def test_a_broken_compose_file_and_dockerfile_are_caught():
     assert any("missing.yaml is not in the repository's copy" in p for p in problems), problems
     assert any("registry /registry is not a mount path" in p for p in problems), problems
     text = (DEPLOY / "Dockerfile").read_text().replace('"--port", "8000"', '"--prot", "8000"', 1)
-    text = text.replace("FROM python:3.11-slim", "FROM python")
+    text = text.replace("ARG BASE_IMAGE=python:3.11-slim", "ARG BASE_IMAGE=python")
     problems = dockerfile_problems(dockerfile_stages(text))
     assert any("No such option: --prot" in p for p in problems), problems
     assert any("FROM python is not pinned" in p for p in problems), problems
+
+
+def test_a_compose_service_on_the_host_network_is_checked_for_it():
+    broken = copy.deepcopy(compose())
+    serve = broken["services"]["serve"]
+    serve["ports"] = ["8000:8000"]
+    serve["command"][serve["command"].index("--host") + 1] = "10.0.0.5"
+    broken["services"]["other"] = {**copy.deepcopy(serve), "ports": [], "tmpfs": ["/state"]}
+    problems = compose_problems(broken)
+    assert any("compose serve: publishes ['8000:8000'], which Docker ignores" in p for p in problems), problems
+    assert any("--host 10.0.0.5: on the host's network the router listens on 127.0.0.1" in p for p in problems), problems
+    assert any("compose other: listens on port 8000 of the host, as serve does" in p for p in problems), problems
+    assert any("compose other: tmpfs /state without uid=1000" in p for p in problems), problems

@@ -17,7 +17,8 @@ import re
 from urllib.parse import urlparse
 
 import pytest
-from deploy_checks import K8S, compose, compose_problems, k8s_containers, k8s_problems, parse_cli, render
+from compose_checks import compose, compose_problems, service_command
+from deploy_checks import K8S, k8s_containers, k8s_problems, parse_cli, render
 
 from mtft.serve.config import ServeConfigError, load_config
 
@@ -116,19 +117,21 @@ def scale_problems(objects: list[dict]) -> list[str]:
 
 
 def scale_compose_problems(services: dict) -> list[str]:
-    """The router's --backend URLs are the --vllm-only services at their port; those publish nothing."""
+    """The router's --backend URLs are the --vllm-only services at their port (on the host's network:
+    127.0.0.1, else the service's name); those publish nothing."""
     problems = []
     backends = {}
     for name, service in services.items():
-        params = serve_params(service["command"])
-        problems += config_problems(f"compose {name}", service["command"])
+        params = serve_params(service_command(service))
+        problems += config_problems(f"compose {name}", service_command(service))
         if params.get("vllm_only"):
-            backends[f"http://{name}:{params['port']}"] = (name, params)
+            host = "127.0.0.1" if service.get("network_mode") == "host" else name
+            backends[f"http://{host}:{params['port']}"] = (name, params)
             if service.get("ports"):
                 problems.append(f"compose {name}: publishes {service['ports']}: vLLM's adapter loading would be "
                                 "reachable from outside")
-    routers = {name: serve_params(s["command"]) for name, s in services.items()
-               if serve_params(s["command"]).get("replicas") == 0}
+    routers = {name: serve_params(service_command(s)) for name, s in services.items()
+               if serve_params(service_command(s)).get("replicas") == 0}
     if not routers or len(backends) < 2:
         return problems + [f"compose: routers {sorted(routers)}, vLLM backends {sorted(backends)}: want one and two"]
     for name, params in routers.items():
@@ -180,7 +183,8 @@ def test_the_scale_compose_file_agrees_with_the_code_and_publishes_only_the_rout
     services = scale_compose()["services"]
     assert compose_problems(scale_compose()) == []
     assert scale_compose_problems(services) == []
-    assert [name for name, s in services.items() if s.get("ports")] == ["router"]
+    assert all(s["network_mode"] == "host" and not s.get("ports") for s in services.values())
+    assert [n for n, s in services.items() if "127.0.0.1" not in service_command(s)] == ["train"]  # all listen on loopback
     assert services["train"]["profiles"] == ["train"]
     assert "registry:/registry" in services["train"]["volumes"]  # training publishes into the shared volume
 
@@ -232,10 +236,14 @@ def test_a_router_only_container_is_checked_like_any_other():
 
 def test_a_broken_scale_compose_file_is_caught():
     broken = scale_compose()["services"]
-    broken["vllm-1"] = {**broken["vllm-1"], "ports": ["8001:8001"]}
-    broken["router"]["command"][4] = "http://vllm-0:8002"
+    broken["vllm-1"] = {**broken["vllm-1"], "ports": ["8002:8002"]}
+    broken["router"]["command"][4] = "http://127.0.0.1:8003"
     problems = scale_compose_problems(broken)
     assert any("compose vllm-1: publishes" in p for p in problems), problems
-    assert any("--backend http://vllm-0:8002 is no --vllm-only service" in p for p in problems), problems
-    assert any("no --backend for http://vllm-0:8001" in p for p in problems), problems
-    assert urlparse(broken["router"]["command"][6]).hostname == "vllm-1"
+    assert any("--backend http://127.0.0.1:8003 is no --vllm-only service" in p for p in problems), problems
+    assert any("no --backend for http://127.0.0.1:8001" in p for p in problems), problems
+    assert urlparse(service_command(broken["router"])[6]).port == 8002
+    broken["vllm-0"]["command"][broken["vllm-0"]["command"].index("--host") + 1] = "0.0.0.0"
+    problems = compose_problems({**scale_compose(), "services": broken})
+    assert any("compose vllm-0: --host 0.0.0.0: on the host's network vLLM must listen on 127.0.0.1" in p
+               for p in problems), problems
