@@ -9,7 +9,7 @@ Each script in bench/ ends by calling `save(key, title, table, data)`: the markd
 printed, its raw figures (JSON-able) and a few lines on how to read them. They land in
 `$MTFT_BENCH_OUT/sections/<key>.json` (default `runs/bench`), one file per section, so a
 section can be rerun alone and the report rebuilt from what is there. Keys start with their
-group (`B1-...` to `B5-...`), which orders the report. Every script runs in its own process
+group (`B1-...` to `B6-...`), which orders the report. Every script runs in its own process
 with the same MTFT_BENCH_OUT; one that fails is in the report as failed, with the end of its
 stderr, the others still run, and the exit status is 1.
 """
@@ -94,6 +94,7 @@ BENCHMARKS = (
     Benchmark("processes", "B4-training-processes", ("--steps", "4", "--eval-examples", "4")),
     Benchmark("eval_speed", "B4-eval-speed", ("--eval", "20")),
     Benchmark("many_adapters", "B5-many-adapters", ("--adapters", "100", "--requests", "150")),
+    Benchmark("memory", "B6-memory", ("--length", "128", "--steps", "2")),
     Benchmark("learned_routing", "learned-routing", ("--train", "100", "--eval", "50")),
 )
 

@@ -173,7 +173,7 @@ class TrainingSpec(Strict):
         "auto: bfloat16 where the hardware computes it natively, else float32")
     gradient_checkpointing: bool = Field(
         default=False, description="recompute the frozen base's activations in backward instead of keeping them: "
-        "the same gradients for about a third more compute, and activation memory of one decoder layer at a time "
+        "the same gradients for a second forward of every decoder layer, and activation memory of one layer at a time "
         "instead of all of them; turn it on when long rows (max_length) or large micro-batches run out of memory "
         "(docs/training.md#memory)")
     base_quantization: QuantizationSpec | None = Field(
