@@ -95,6 +95,7 @@ BENCHMARKS = (
     Benchmark("eval_speed", "B4-eval-speed", ("--eval", "20")),
     Benchmark("many_adapters", "B5-many-adapters", ("--adapters", "100", "--requests", "150")),
     Benchmark("memory", "B6-memory", ("--length", "128", "--steps", "2")),
+    Benchmark("qlora_quality", "B6-qlora-quality", ("--steps", "4", "--train", "40", "--eval", "16")),
     Benchmark("learned_routing", "learned-routing", ("--train", "100", "--eval", "50")),
 )
 
