@@ -3,9 +3,10 @@
     .venv/bin/python bench/lora_layer.py            # part of `make bench` (section B1-layer, ~1 min)
 
 SmolLM2-135M's four LoRA layer shapes (q/k/v: 576 -> 576+192+192, o: 576 -> 576, gate/up:
-576 -> 2x1536, down: 1536 -> 576), rank 8, 8 slots of random float32 weights in the fused layout
-(`fused.Stacked`, as the plugin builds them once per adapter load), decode-sized batches of 32,
-128 and 256 rows, every row on one adapter or the rows spread round robin over 8 (every fifth
+576 -> 2x1536, down: 1536 -> 576), rank 8, 8 slots of random weights in the model's dtype, each
+path's layout built from them as the plugin builds it once per adapter load (`fused.Stacked`:
+fp32 and block-diagonal for torch, the model's dtype and the slices side by side for the
+kernel), decode-sized batches of 32, 128 and 256 rows, every row on one adapter or the rows spread round robin over 8 (every fifth
 row without one). Each cell times `fused.lora_linear` (with the step's cached plan, as in the
 engine) and `kernel.lora_linear` alternately on the same tensors, median of 5 rounds of 100 calls,
 and reports ms per decode step (x 30 layers). No vLLM engine: what the engine adds (the base
@@ -52,17 +53,19 @@ def cell(rows: int, adapters: int, dtype: torch.dtype, generator: torch.Generato
     runs, lengths = torch.unique_consecutive(slots, return_counts=True)
     batch = fused.plan(tuple(runs.tolist()), tuple(lengths.tolist()))
     for width_in, sizes in LAYERS.values():
-        lora_a = tuple(torch.randn(SLOTS, 1, RANK, width_in, generator=generator) * 0.05 for _ in sizes)
-        lora_b = tuple(torch.randn(SLOTS, 1, size, RANK, generator=generator) * 0.05 for size in sizes)
-        weights = fused.Stacked.of(lora_a, lora_b, sizes)
+        # vLLM keeps the slots in the model's dtype; each path builds its own layout from them.
+        lora_a = tuple((torch.randn(SLOTS, 1, RANK, width_in, generator=generator) * 0.05).to(dtype) for _ in sizes)
+        lora_b = tuple((torch.randn(SLOTS, 1, size, RANK, generator=generator) * 0.05).to(dtype) for size in sizes)
         x = torch.randn(rows, width_in, generator=generator).to(dtype)
         y = torch.randn(rows, sum(sizes), generator=generator).to(dtype)
+        weights = fused.Stacked.of(lora_a, lora_b, sizes)
+        packed = fused.Stacked.of(lora_a, lora_b, sizes, kernel.weight_dtype(lora_a[0], x), diagonal=False)
         by_torch, by_kernel = y.clone(), y.clone()
         fused.lora_linear(by_torch, x, weights, batch, 0.5)
-        kernel.lora_linear(by_kernel, x, weights, slots, sizes, 0.5)
+        kernel.lora_linear(by_kernel, x, packed, slots, sizes, 0.5)
         diff = max(diff, float((by_torch.float() - by_kernel.float()).abs().max()))
         pair = [timed(lambda: fused.lora_linear(by_torch, x, weights, batch, 0.5)),
-                timed(lambda: kernel.lora_linear(by_kernel, x, weights, slots, sizes, 0.5))]
+                timed(lambda: kernel.lora_linear(by_kernel, x, packed, slots, sizes, 0.5))]
         torch_s += statistics.median(pair[0])
         kernel_s += statistics.median(pair[1])
     return torch_s * DEPTH * 1e3, kernel_s * DEPTH * 1e3, diff

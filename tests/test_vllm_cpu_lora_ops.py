@@ -310,7 +310,7 @@ def layer_weights(slots: int, width_in: int, output_slices, dtype, seed: int, ra
             tuple(random_weights(slots, size, rank, dtype, g) for size in output_slices))
 
 
-@pytest.mark.parametrize("path", ["torch", "kernel"])
+@pytest.mark.parametrize("path", ["torch", "kernel", "kernel, weights in the model's dtype"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
@@ -327,12 +327,13 @@ def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots,
         assert batch is None  # the grouped ops take these (tested above), in the kernel's mode too
         return
     new, vllm = before.clone(), before.clone()
-    weights = fused.stacked({}, lora_a, lora_b, output_slices)
-    if path == "kernel":  # every batch the torch path takes
+    if path.startswith("kernel"):  # every batch the torch path takes
         kernel.load()
+        weights = fused.stacked({}, lora_a, lora_b, output_slices, dtype if "dtype" in path else torch.float32,
+                                diagonal=False)
         kernel.lora_linear(new, x, weights, token_slots(segments), output_slices, 1.0)
     else:
-        fused.lora_linear(new, x, weights, batch, 1.0)
+        fused.lora_linear(new, x, fused.stacked({}, lora_a, lora_b, output_slices), batch, 1.0)
     vllm_layer(x, lora_a, lora_b, vllm, segments, output_slices)
     assert torch.equal(new[:, -5:], before[:, -5:])
     check_rows(new, vllm, before, segments, dtype, written_zero=False)
@@ -511,16 +512,26 @@ def test_a_kernel_build_is_kept_per_source_torch_and_cpu(monkeypatch):
         y, x, w, torch.tensor([0, 1]), (48, 16), 1.0), "weight shapes do not match"),
     ("too few slots for the rows", lambda y, x, w: kernel.lora_linear(
         y, x, w, torch.tensor([0]), (48, 16, 16), 1.0), "one entry per row of x"),
+    ("weights in a third dtype", lambda y, x, w: torch.ops.mtft.lora_linear(
+        y, x, w.a.bfloat16(), w.b.bfloat16(), torch.tensor([0, 1]), 8, (48, 16, 16), 1.0),
+        "both float32 or both x's dtype \\(Float\\); they are BFloat16 and BFloat16"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call, match):
     kernel.load()
     lora_a, lora_b = layer_weights(4, 48, (48, 16, 16), torch.float32, seed=9)
-    weights = fused.stacked({}, lora_a, lora_b, (48, 16, 16))
+    weights = fused.stacked({}, lora_a, lora_b, (48, 16, 16), diagonal=False)
     x, y = torch.randn(2, 48), torch.randn(2, 80)
     before = y.clone()
     with pytest.raises(RuntimeError, match=match):
         call(y, x, weights)
     assert torch.equal(y, before)
+
+
+def test_the_kernel_refuses_weights_in_the_torch_paths_layout():
+    lora_a, lora_b = layer_weights(4, 48, (48, 16, 16), torch.float32, seed=9)
+    with pytest.raises(ValueError, match="diagonal=False"):
+        kernel.lora_linear(torch.zeros(2, 80), torch.randn(2, 48), fused.stacked({}, lora_a, lora_b, (48, 16, 16)),
+                           torch.tensor([0, 1]), (48, 16, 16), 1.0)
 
 
 def test_mtft_serve_prepares_the_kernel_before_vllm_starts_and_never_fails_on_it(monkeypatch):
@@ -542,7 +553,7 @@ def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several():
     # change a bit of the result (and no row may be skipped or done twice).
     kernel.load()
     lora_a, lora_b = layer_weights(8, 48, (80, 80), torch.float32, seed=11)
-    weights = fused.stacked({}, lora_a, lora_b, (80, 80))
+    weights = fused.stacked({}, lora_a, lora_b, (80, 80), diagonal=False)
     slots = torch.tensor([(i * 3) % 9 - 1 for i in range(64)])  # every slot and -1, interleaved
     x, before = torch.randn(64, 48), torch.randn(64, 160)
     threads = torch.get_num_threads()

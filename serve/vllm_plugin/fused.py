@@ -8,10 +8,11 @@ block-diagonally are one too: `y[:, :sum(slices)] += (x @ A^T) @ B`. A batch hol
 adapters groups its rows by slot and multiplies each group by its own slot's A and B in one
 batched matmul; rows without an adapter are in no group, so they get exactly zero delta.
 
-The stacked fp32 weights (`Stacked`) are built once per adapter load, not per step: vLLM writes
+The stacked weights (`Stacked`) are built once per adapter load, not per step: vLLM writes
 adapters into its slot tensors in place, which bumps their version counters, and `stacked`
-rebuilds only when those change. fp32 because CPU bf16 matmuls are slower than fp32 at these
-shapes (and without native bf16 much slower); vLLM's shrink multiplies in fp32 too.
+rebuilds only when those change. fp32 for the torch path here, because CPU bf16 matmuls are
+slower than fp32 at these shapes (and without native bf16 much slower); vLLM's shrink multiplies
+in fp32 too. The compiled kernel reads them in the model's dtype instead (`kernel.weight_dtype`).
 Pure torch; nothing here imports vLLM.
 """
 
@@ -33,28 +34,35 @@ MAX_SLOTS = 16
 
 @dataclass(frozen=True)
 class Stacked:
-    """A layer's adapters in the fused layout: slot s owns rows [s * block, (s + 1) * block)."""
+    """A layer's adapters in the fused layout: slot s owns rows [s * block, (s + 1) * block) of `a`.
+
+    `b` holds each slot's B^T either block-diagonally, (slots * block, width), so that torch
+    multiplies all slices in one matmul, or (`diagonal` False) with the slices side by side,
+    (slots * rank, width): the compiled kernel's layout, which skips the zeros and reads each
+    slot's weights as one contiguous run."""
 
     a: torch.Tensor  # (slots * block, in): each slot's slices' A matrices, stacked
-    b: torch.Tensor  # (slots * block, width): each slot's B^T, slices block-diagonal
+    b: torch.Tensor  # (slots * block, width) block-diagonal, or (slots * rank, width) side by side
     block: int  # slices * rank
     rank: int
     width: int  # sum of the output slices
+    diagonal: bool
     versions: tuple[int, ...]  # of the vLLM tensors it was built from
 
     @classmethod
     def of(cls, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-           output_slices: tuple[int, ...]) -> Stacked:
-        """From vLLM's per-slice (slots, 1, rank, in) A and (slots, 1, out, rank) B tensors."""
+           output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32, diagonal: bool = True) -> Stacked:
+        """From vLLM's per-slice (slots, 1, rank, in) A and (slots, 1, out, rank) B tensors, in `dtype`."""
         slots, _, rank, _ = lora_a[0].shape
         block, width = rank * len(lora_a), sum(output_slices)
         a = torch.cat([t[:, 0].float() for t in lora_a], dim=1)
-        b = torch.zeros(slots, block, width)
+        b = torch.zeros(slots, block if diagonal else rank, width)
         for i, (t, offset, size) in enumerate(zip(lora_b, accumulate((0, *output_slices)), output_slices)):
             columns = min(size, t.shape[2])  # vLLM's ops write the columns both have (padding differs)
-            b[:, i * rank : (i + 1) * rank, offset : offset + columns] = t[:, 0, :columns].float().transpose(1, 2)
-        return cls(a.reshape(slots * block, -1), b.reshape(slots * block, width), block, rank, width,
-                   _versions(lora_a, lora_b))
+            rows = slice(i * rank, (i + 1) * rank) if diagonal else slice(0, rank)
+            b[:, rows, offset : offset + columns] = t[:, 0, :columns].float().transpose(1, 2)
+        return cls(a.reshape(slots * block, -1).to(dtype), b.reshape(-1, width).to(dtype), block, rank, width,
+                   diagonal, _versions(lora_a, lora_b))
 
 
 def _versions(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
@@ -62,12 +70,15 @@ def _versions(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
 
 
 def stacked(cache: dict, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-            output_slices: tuple[int, ...]) -> Stacked:
-    """The layer's `Stacked` from `cache`, rebuilt when vLLM wrote any of its slot tensors."""
+            output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32, diagonal: bool = True) -> Stacked:
+    """The layer's `Stacked` (`dtype`, layout) from `cache`, rebuilt when vLLM wrote any of its slot tensors.
+
+    `cache` holds one entry per layer, under `id(lora_a[0])`: keep one cache per layout."""
     key = id(lora_a[0])
     entry = cache.get(key)
-    if entry is None or entry[0] is not lora_a[0] or entry[1].versions != _versions(lora_a, lora_b):
-        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices))
+    if (entry is None or entry[0] is not lora_a[0] or entry[1].versions != _versions(lora_a, lora_b)
+            or entry[1].diagonal != diagonal or entry[1].a.dtype != dtype):
+        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices, dtype, diagonal))
     return entry[1]
 
 

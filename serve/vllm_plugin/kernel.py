@@ -96,8 +96,19 @@ def load() -> None:
     _loaded = str(path)
 
 
+def weight_dtype(slots: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernel reads a layer's stacked weights in: vLLM's own slot dtype where the
+    activations have it too (bf16 or fp16 weights are then exact and half the bytes: a decode step
+    reads every adapter's weights from memory once, after the rest of the model has passed through
+    the caches), else float32."""
+    return slots.dtype if slots.dtype == x.dtype else torch.float32
+
+
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, slots: torch.Tensor, sizes: tuple[int, ...],
                 scale: float) -> None:
     """y[row, :sum(sizes)] += scale * (x[row] @ A_s^T) @ B_s in place, for each row's slot s >= 0
-    (`sizes`: the layer's output slices); rows with slot -1 are left as they are. Call `load()` first."""
+    (`sizes`: the layer's output slices); rows with slot -1 are left as they are. `weights` in the
+    kernel's layout (`Stacked` with diagonal=False). Call `load()` first."""
+    if weights.diagonal:
+        raise ValueError("the kernel reads B^T with the slices side by side: build the weights with diagonal=False")
     torch.ops.mtft.lora_linear(y, x, weights.a, weights.b, slots, weights.rank, sizes, scale)

@@ -1,82 +1,250 @@
 // One LoRA layer's delta for a small (decode) batch in one call: mtft's compiled fused path.
 //
 // y[row, :width] += scale * (x[row] @ A_s^T) @ B_s for every row whose slot s >= 0, where A_s and
-// B_s are slot s's rows of the fused layout (serve/vllm_plugin/fused.py `Stacked`): A stacks the
-// layer's slices' A matrices, B^T holds each slice's B block-diagonally. The torch path spends most
-// of a decode step's LoRA time in the fixed cost of ~10 small torch calls per layer (gather, pad,
-// two batched matmuls, scatter); here a layer is one call, rows are visited in slot order so each
-// slot's weights stay in cache, and only the slices' own columns are multiplied (the block-diagonal
-// zeros are skipped). Rows with slot -1 are not touched: exactly zero delta, as the torch path.
-// Sums are fp32 whatever the activations' dtype (fp32, bf16 or fp16), as the torch path's.
+// B_s are slot s's rows of the kernel's layout (serve/vllm_plugin/fused.py `Stacked` with
+// diagonal=False): A stacks the layer's slices' A matrices (block = slices * rank rows), B^T holds
+// the slices side by side (rank rows of `width` columns), so a slot's weights are two contiguous
+// runs and no zero is stored or read. The torch path spends most of a decode step's LoRA time in
+// the fixed cost of ~10 small torch calls per layer (gather, pad, two batched matmuls, scatter);
+// here a layer is one call. Rows with slot -1 are not touched: exactly zero delta, as the torch path.
+// Sums are fp32 whatever the activations' dtype (fp32, bf16 or fp16), as the torch path's; the
+// weights are fp32 or the activations' dtype.
+//
+// In a decode step every layer's adapter weights come from memory: between two calls for one layer
+// the whole base model streams through the caches. So a call first asks for all of a slot's
+// weights at once (software prefetch; the loops alone wait for one cache line after another:
+// measured, about twice the time of a call when the weights are out of cache).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define MTFT_AVX512 1
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
 #include <type_traits>
 #include <vector>
 
 namespace {
 
+// A run of `count` values into the cache (a hint: it never faults).
+template <typename W>
+inline void prefetch(const W* p, int64_t count) {
+  const char* bytes = reinterpret_cast<const char*>(p);
+  for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(W)); i += 64) __builtin_prefetch(bytes + i, 0, 3);
+}
+
+// One call's work: rows in slot order, the layer's slices, and where each slot's weights start.
+template <typename W>
+struct Layer {
+  const W* a;   // (slots * block, in)
+  const W* bt;  // (slots * rank, width)
+  int64_t in, rank, block, width;
+  std::vector<int64_t> sizes, offsets;
+
+  const W* a_of(int64_t slot) const { return a + slot * block * in; }
+  const W* b_of(int64_t slot) const { return bt + slot * rank * width; }
+  void prefetch_slot(int64_t slot) const {
+    prefetch(a_of(slot), block * in);
+    prefetch(b_of(slot), rank * width);
+  }
+};
+
+#if MTFT_AVX512
+// AVX-512: rows in tiles of up to four that share a slot, so each load of the slot's weights
+// serves four rows (a row at a time is bound by loads, not by the multiplies), and the delta is
+// added into y in the same pass, 16 columns at a time, in y's own dtype (bf16 rounded by the
+// CPU's instruction where it has AVX-512-bf16).
+constexpr int kTile = 4;
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const c10::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+
+inline void store16(float* p, __m512 v, __mmask16 m) { _mm512_mask_storeu_ps(p, m, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 m) {
+#if defined(__AVX512BF16__)
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+#else  // round to nearest even, NaN kept quiet: what c10::BFloat16's conversion does per value
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i bias = _mm512_add_epi32(_mm512_set1_epi32(0x7fff),
+                                        _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1)));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  const __m256i h = _mm512_cvtepi32_epi16(r);
+#endif
+  _mm256_mask_storeu_epi16(p, m, h);
+}
+inline void store16(c10::Half* p, __m512 v, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+inline __mmask16 tail(int64_t left) { return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1); }
+
+// low[r * block + k] = scale * a[k] . x[r] for R rows of x (float, `in` apart) and k < block.
+template <typename W, int R>
+void shrink_tile(const W* a, const float* x, int64_t in, int64_t block, float scale, float* low) {
+  for (int64_t k = 0; k < block; k += 4) {
+    const int ks = block - k < 4 ? static_cast<int>(block - k) : 4;
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < in; i += 16) {
+      const __mmask16 m = tail(in - i);
+      __m512 xv[R];
+      for (int r = 0; r < R; ++r) xv[r] = load16(x + r * in + i, m);
+      for (int q = 0; q < ks; ++q) {
+        const __m512 av = load16(a + (k + q) * in + i, m);
+        for (int r = 0; r < R; ++r) acc[r][q] = _mm512_fmadd_ps(av, xv[r], acc[r][q]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int q = 0; q < ks; ++q) low[r * block + k + q] = scale * _mm512_reduce_add_ps(acc[r][q]);
+  }
+}
+
+// y[r][offset + j] += sum_q low[r * block + first + q] * b[q * width + offset + j] for j < size,
+// q < rank: one slice of R rows, 16 columns at a time.
+template <typename T, typename W, int R>
+void expand_tile(const W* b, const float* low, int64_t block, int64_t first, int64_t rank, int64_t width,
+                 int64_t offset, int64_t size, T* const* y) {
+  for (int64_t j = 0; j < size; j += 16) {
+    const __mmask16 m = tail(size - j);
+    __m512 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t q = 0; q < rank; ++q) {
+      const __m512 bv = load16(b + q * width + offset + j, m);
+      for (int r = 0; r < R; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(low[r * block + first + q]), bv, acc[r]);
+    }
+    for (int r = 0; r < R; ++r) {
+      T* out = y[r] + offset + j;
+      store16(out, _mm512_add_ps(load16(out, m), acc[r]), m);
+    }
+  }
+}
+
+template <typename T, typename W, int R>
+void lora_tile(const T* x_data, int64_t x_stride, T* y_data, int64_t y_stride, const int64_t* rows,
+               const Layer<W>& layer, int64_t slot, float scale, float* xf, float* low) {
+  const int64_t in = layer.in;
+  T* y[R];
+  for (int r = 0; r < R; ++r) {
+    const T* xr = x_data + rows[r] * x_stride;
+    for (int64_t i = 0; i < in; i += 16) store16(xf + r * in + i, load16(xr + i, tail(in - i)), tail(in - i));
+    y[r] = y_data + rows[r] * y_stride;
+  }
+  shrink_tile<W, R>(layer.a_of(slot), xf, in, layer.block, scale, low);
+  for (size_t s = 0; s < layer.sizes.size(); ++s)
+    expand_tile<T, W, R>(layer.b_of(slot), low, layer.block, static_cast<int64_t>(s) * layer.rank, layer.rank,
+                         layer.width, layer.offsets[s], layer.sizes[s], y);
+}
+
+template <typename T, typename W>
+void lora_rows(at::Tensor& y, const at::Tensor& x, const Layer<W>& layer, const std::vector<int64_t>& order,
+               const std::vector<int64_t>& slot_of, float scale) {
+  const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
+  const T* x_data = x.const_data_ptr<T>();
+  T* y_data = y.mutable_data_ptr<T>();
+  // Tiles: runs of up to kTile consecutive rows (in slot order) that share a slot.
+  std::vector<int64_t> starts;
+  for (int64_t n = 0; n < static_cast<int64_t>(order.size());) {
+    starts.push_back(n);
+    const int64_t end = std::min<int64_t>(n + kTile, order.size());
+    const int64_t slot = slot_of[n];
+    while (++n < end && slot_of[n] == slot) {
+    }
+  }
+  starts.push_back(static_cast<int64_t>(order.size()));
+  at::parallel_for(0, static_cast<int64_t>(starts.size()) - 1, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xf(kTile * layer.in), low(kTile * layer.block);
+    for (int64_t t = begin, last = -1; t < end; ++t) {
+      const int64_t n = starts[t], slot = slot_of[n];
+      if (slot != last) layer.prefetch_slot(last = slot);
+      const int64_t* rows = order.data() + n;
+      switch (starts[t + 1] - n) {
+#define MTFT_TILE(R)                                                                                              \
+  case R:                                                                                                         \
+    lora_tile<T, W, R>(x_data, x_stride, y_data, y_stride, rows, layer, slot, scale, xf.data(), low.data()); \
+    break;
+        MTFT_TILE(1)
+        MTFT_TILE(2)
+        MTFT_TILE(3)
+        MTFT_TILE(4)
+#undef MTFT_TILE
+      }
+    }
+  });
+}
+#else
+// Without AVX-512 (the AVX2 machines): one row at a time, the compiler vectorising the loops.
+
 // low[k] = scale * a[k] . x for k < block: four of A's rows per pass over x, so each load of x
 // serves four products (block is a multiple of the rank; a tail of 1-3 rows is done singly).
-inline void shrink(const float* a, const float* x, int64_t in, int64_t block, float scale, float* low) {
+template <typename W>
+inline void shrink(const W* a, const float* x, int64_t in, int64_t block, float scale, float* low) {
   int64_t k = 0;
   for (; k + 4 <= block; k += 4) {
-    const float *a0 = a + k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
+    const W *a0 = a + k * in, *a1 = a0 + in, *a2 = a1 + in, *a3 = a2 + in;
     float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int64_t i = 0; i < in; ++i) {
       const float xi = x[i];
-      s0 += a0[i] * xi;
-      s1 += a1[i] * xi;
-      s2 += a2[i] * xi;
-      s3 += a3[i] * xi;
+      s0 += static_cast<float>(a0[i]) * xi;
+      s1 += static_cast<float>(a1[i]) * xi;
+      s2 += static_cast<float>(a2[i]) * xi;
+      s3 += static_cast<float>(a3[i]) * xi;
     }
     low[k] = scale * s0, low[k + 1] = scale * s1, low[k + 2] = scale * s2, low[k + 3] = scale * s3;
   }
   for (; k < block; ++k) {
-    const float* ak = a + k * in;
+    const W* ak = a + k * in;
     float s = 0.f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t i = 0; i < in; ++i) s += ak[i] * x[i];
+    for (int64_t i = 0; i < in; ++i) s += static_cast<float>(ak[i]) * x[i];
     low[k] = scale * s;
   }
 }
 
 // out[j] += sum_q c[q] * b[q * width + j] for j < size: four ranks per pass over out.
-inline void expand(const float* b, const float* c, int64_t rank, int64_t width, int64_t size, float* out) {
+template <typename W>
+inline void expand(const W* b, const float* c, int64_t rank, int64_t width, int64_t size, float* out) {
   int64_t q = 0;
   for (; q + 4 <= rank; q += 4) {
-    const float *b0 = b + q * width, *b1 = b0 + width, *b2 = b1 + width, *b3 = b2 + width;
+    const W *b0 = b + q * width, *b1 = b0 + width, *b2 = b1 + width, *b3 = b2 + width;
     const float c0 = c[q], c1 = c[q + 1], c2 = c[q + 2], c3 = c[q + 3];
 #pragma omp simd
-    for (int64_t j = 0; j < size; ++j) out[j] += c0 * b0[j] + c1 * b1[j] + c2 * b2[j] + c3 * b3[j];
+    for (int64_t j = 0; j < size; ++j)
+      out[j] += c0 * static_cast<float>(b0[j]) + c1 * static_cast<float>(b1[j]) + c2 * static_cast<float>(b2[j]) +
+                c3 * static_cast<float>(b3[j]);
   }
   for (; q < rank; ++q) {
-    const float* bq = b + q * width;
+    const W* bq = b + q * width;
     const float cq = c[q];
 #pragma omp simd
-    for (int64_t j = 0; j < size; ++j) out[j] += cq * bq[j];
+    for (int64_t j = 0; j < size; ++j) out[j] += cq * static_cast<float>(bq[j]);
   }
 }
 
-template <typename T>
-void lora_rows(at::Tensor& y, const at::Tensor& x, const float* a, const float* bt,
-               const std::vector<int64_t>& order, const std::vector<int64_t>& slot_of, int64_t rank,
-               const std::vector<int64_t>& sizes, int64_t width, float scale) {
-  const int64_t in = x.size(1), block = rank * static_cast<int64_t>(sizes.size());
+template <typename T, typename W>
+void lora_rows(at::Tensor& y, const at::Tensor& x, const Layer<W>& layer, const std::vector<int64_t>& order,
+               const std::vector<int64_t>& slot_of, float scale) {
+  const int64_t in = layer.in, width = layer.width;
   const int64_t x_stride = x.stride(0), y_stride = y.stride(0);
   const T* x_data = x.const_data_ptr<T>();
   T* y_data = y.mutable_data_ptr<T>();
-  std::vector<int64_t> offsets(sizes.size(), 0);
-  for (size_t i = 1; i < sizes.size(); ++i) offsets[i] = offsets[i - 1] + sizes[i - 1];
   // A few rows per task: the work per row is small, and consecutive rows share a slot's weights.
   at::parallel_for(0, static_cast<int64_t>(order.size()), 4, [&](int64_t begin, int64_t end) {
-    std::vector<float> xf(in), low(block), acc(width);
-    for (int64_t n = begin; n < end; ++n) {
+    std::vector<float> xf(in), low(layer.block), acc(width);
+    for (int64_t n = begin, last = -1; n < end; ++n) {
       const int64_t row = order[n], slot = slot_of[n];
+      if (slot != last) layer.prefetch_slot(last = slot);
       const T* xr = x_data + row * x_stride;
       const float* xv = nullptr;
       if constexpr (std::is_same_v<T, float>) {
@@ -85,36 +253,63 @@ void lora_rows(at::Tensor& y, const at::Tensor& x, const float* a, const float* 
         for (int64_t i = 0; i < in; ++i) xf[i] = static_cast<float>(xr[i]);
         xv = xf.data();
       }
-      shrink(a + slot * block * in, xv, in, block, scale, low.data());
+      shrink(layer.a_of(slot), xv, in, layer.block, scale, low.data());
       std::fill(acc.begin(), acc.end(), 0.f);
-      const float* b_slot = bt + slot * block * width;
-      for (size_t s = 0; s < sizes.size(); ++s) {
-        const int64_t first = static_cast<int64_t>(s) * rank;
-        expand(b_slot + first * width + offsets[s], low.data() + first, rank, width, sizes[s], acc.data() + offsets[s]);
+      for (size_t s = 0; s < layer.sizes.size(); ++s) {
+        const int64_t first = static_cast<int64_t>(s) * layer.rank;
+        expand(layer.b_of(slot) + layer.offsets[s], low.data() + first, layer.rank, width, layer.sizes[s],
+               acc.data() + layer.offsets[s]);
       }
       T* yr = y_data + row * y_stride;
       for (int64_t j = 0; j < width; ++j) yr[j] = static_cast<T>(static_cast<float>(yr[j]) + acc[j]);
     }
   });
 }
+#endif
+
+template <typename W>
+Layer<W> layer_of(const at::Tensor& a, const at::Tensor& bt, int64_t rank, const std::vector<int64_t>& sizes) {
+  Layer<W> layer{a.const_data_ptr<W>(), bt.const_data_ptr<W>(), a.size(1), rank,
+                 rank * static_cast<int64_t>(sizes.size()), bt.size(1), sizes, std::vector<int64_t>(sizes.size(), 0)};
+  for (size_t i = 1; i < sizes.size(); ++i) layer.offsets[i] = layer.offsets[i - 1] + sizes[i - 1];
+  return layer;
+}
+
+// The weights in float32 or in the activations' own dtype T (vLLM keeps adapters in the model's
+// dtype: bf16 weights are exact and half the bytes to read from memory per step).
+template <typename T>
+void lora_any(at::Tensor& y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt, int64_t rank,
+              const std::vector<int64_t>& sizes, const std::vector<int64_t>& order,
+              const std::vector<int64_t>& slot_of, float scale) {
+  if (a.scalar_type() == at::kFloat) {
+    lora_rows<T, float>(y, x, layer_of<float>(a, bt, rank, sizes), order, slot_of, scale);
+  } else if constexpr (!std::is_same_v<T, float>) {
+    lora_rows<T, T>(y, x, layer_of<T>(a, bt, rank, sizes), order, slot_of, scale);
+  }
+}
 
 // y (rows_y >= rows, >= width columns) and x (rows, in): same dtype, unit column stride.
-// a (slots * block, in) and bt (slots * block, width): fp32, contiguous. slots: one per row of x
-// (int64, -1 = no adapter). sizes: the layer's output slices (q, k, v or gate, up or one).
+// a (slots * block, in) and bt (slots * rank, width): contiguous, float32 or x's dtype. slots: one
+// per row of x (int64, -1 = no adapter). sizes: the layer's output slices (q, k, v or gate, up or
+// one).
 void lora_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const at::Tensor& bt,
                  const at::Tensor& slots, int64_t rank, c10::IntArrayRef sizes, double scale) {
   TORCH_CHECK(x.dim() == 2 && y.dim() == 2 && x.stride(1) == 1 && y.stride(1) == 1,
               "mtft lora_linear: x and y must be 2-D with unit column stride");
   TORCH_CHECK(x.scalar_type() == y.scalar_type(), "mtft lora_linear: x is ", x.scalar_type(), ", y is ",
               y.scalar_type());
-  TORCH_CHECK(a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat && a.is_contiguous() &&
-                  bt.is_contiguous(), "mtft lora_linear: stacked weights must be contiguous float32");
+  TORCH_CHECK(a.scalar_type() == bt.scalar_type() &&
+                  (a.scalar_type() == at::kFloat || a.scalar_type() == x.scalar_type()) && a.is_contiguous() &&
+                  bt.is_contiguous(),
+              "mtft lora_linear: stacked weights must be contiguous, both float32 or both x's dtype (",
+              x.scalar_type(), "); they are ", a.scalar_type(), " and ", bt.scalar_type());
   TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.size(0) >= x.size(0),
               "mtft lora_linear: slots must be int64 with one entry per row of x");
   const int64_t block = rank * static_cast<int64_t>(sizes.size());
   int64_t width = 0;
   for (int64_t size : sizes) width += size;
-  TORCH_CHECK(a.size(1) == x.size(1) && a.size(0) == bt.size(0) && bt.size(1) == width && a.size(0) % block == 0,
+  TORCH_CHECK(rank > 0 && a.size(1) == x.size(1) && bt.size(1) == width && a.size(0) % block == 0 &&
+                  a.size(0) / block * rank == bt.size(0),
               "mtft lora_linear: weight shapes do not match x, rank and slices");
   TORCH_CHECK(y.size(0) >= x.size(0) && y.size(1) >= width, "mtft lora_linear: y is smaller than the delta");
   const int64_t rows = x.size(0), slot_count = a.size(0) / block;
@@ -139,14 +334,11 @@ void lora_linear(at::Tensor y, const at::Tensor& x, const at::Tensor& a, const a
   }
   if (order.empty()) return;
   const std::vector<int64_t> slice_sizes(sizes.begin(), sizes.end());
-  const float* a_ptr = a.const_data_ptr<float>();
-  const float* b_ptr = bt.const_data_ptr<float>();
   const float s = static_cast<float>(scale);
   switch (x.scalar_type()) {
-    case at::kFloat: return lora_rows<float>(y, x, a_ptr, b_ptr, order, slot_of, rank, slice_sizes, width, s);
-    case at::kBFloat16:
-      return lora_rows<c10::BFloat16>(y, x, a_ptr, b_ptr, order, slot_of, rank, slice_sizes, width, s);
-    case at::kHalf: return lora_rows<c10::Half>(y, x, a_ptr, b_ptr, order, slot_of, rank, slice_sizes, width, s);
+    case at::kFloat: lora_any<float>(y, x, a, bt, rank, slice_sizes, order, slot_of, s); break;
+    case at::kBFloat16: lora_any<c10::BFloat16>(y, x, a, bt, rank, slice_sizes, order, slot_of, s); break;
+    case at::kHalf: lora_any<c10::Half>(y, x, a, bt, rank, slice_sizes, order, slot_of, s); break;
     default: TORCH_CHECK(false, "mtft lora_linear: unsupported dtype ", x.scalar_type());
   }
 }

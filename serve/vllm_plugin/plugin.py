@@ -135,8 +135,10 @@ def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacke
         fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
                               **kwargs)
         return
-    cache = self.__dict__.setdefault("_mtft_stacked", {})
-    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices)
+    # The kernel's own copies (its layout, the model's dtype), beside the torch path's.
+    cache = self.__dict__.setdefault("_mtft_kernel", {})
+    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices,
+                            kernel.weight_dtype(lora_a_stacked[0], x2), diagonal=False)
     kernel.lora_linear(y2[:rows], x2[:rows], weights, slots, output_slices, scale)
 
 
