@@ -57,8 +57,9 @@ struct Layer {
 #if MTFT_AVX512
 // AVX-512: rows in tiles of up to four that share a slot, so each load of the slot's weights
 // serves four rows (a row at a time is bound by loads, not by the multiplies), and the delta is
-// added into y in the same pass, 16 columns at a time, in y's own dtype (bf16 rounded by the
-// CPU's instruction where it has AVX-512-bf16).
+// added into y in the same pass, 16 columns at a time, in y's own dtype (bf16 rounded to nearest
+// even by the CPU's instruction where it has AVX-512-bf16; it flushes values below bf16's normal
+// range, ~1e-38, to zero, where c10's conversion keeps them).
 constexpr int kTile = 4;
 
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
