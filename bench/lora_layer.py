@@ -6,8 +6,8 @@ SmolLM2-135M's four LoRA layer shapes (q/k/v: 576 -> 576+192+192, o: 576 -> 576,
 576 -> 2x1536, down: 1536 -> 576), rank 8, 8 slots of random weights in the model's dtype, each
 path's layout built from them as the plugin builds it once per adapter load (`fused.Stacked`:
 fp32 and block-diagonal for torch, the model's dtype and the slices side by side for the
-kernel), decode-sized batches of 32, 128 and 256 rows, every row on one adapter or the rows spread round robin over 8 (every fifth
-row without one). Each cell times `fused.lora_linear` (with the step's cached plan, as in the
+kernel), decode-sized batches of 32, 128 and 256 rows, every row on one adapter or the rows
+spread round robin over 8 (every fifth row without one). Each cell times `fused.lora_linear` (with the step's cached plan, as in the
 engine) and `kernel.lora_linear` alternately on the same tensors, median of 5 rounds of 100 calls,
 and reports ms per decode step (x 30 layers). No vLLM engine: what the engine adds (the base
 model's layers evicting the adapters' weights from cache between calls) is in B1's profile.

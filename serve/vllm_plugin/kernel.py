@@ -96,12 +96,12 @@ def load() -> None:
     _loaded = str(path)
 
 
-def weight_dtype(slots: torch.Tensor, x: torch.Tensor) -> torch.dtype:
-    """The dtype the kernel reads a layer's stacked weights in: vLLM's own slot dtype where the
+def weight_dtype(slot_weights: torch.Tensor, x: torch.Tensor) -> torch.dtype:
+    """The dtype the kernel reads a layer's stacked weights in: vLLM's slot tensors' dtype where the
     activations have it too (bf16 or fp16 weights are then exact and half the bytes: a decode step
     reads every adapter's weights from memory once, after the rest of the model has passed through
     the caches), else float32."""
-    return slots.dtype if slots.dtype == x.dtype else torch.float32
+    return slot_weights.dtype if slot_weights.dtype == x.dtype else torch.float32
 
 
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, slots: torch.Tensor, sizes: tuple[int, ...],

@@ -38,7 +38,8 @@ inline void prefetch(const W* p, int64_t count) {
   for (int64_t i = 0; i < count * static_cast<int64_t>(sizeof(W)); i += 64) __builtin_prefetch(bytes + i, 0, 3);
 }
 
-// One call's work: rows in slot order, the layer's slices, and where each slot's weights start.
+// One call's layer: its weights and shapes, its slices' column offsets, and where each slot's
+// weights start.
 template <typename W>
 struct Layer {
   const W* a;   // (slots * block, in)
