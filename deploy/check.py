@@ -44,12 +44,13 @@ UID = "1000"  # deploy/Dockerfile's user
 DATA = ROOT / "train" / "demo" / "data"
 PREFIXES = {"ticket": "ticket: ", "contact": "contact: "}  # train/demo/tasks.yaml
 TARGET = {"ticket": "label", "contact": "json"}  # the field each task's answer is
-# What this check relies on in the compose files and the code (tests/test_deploy_check.py holds them to it):
+# What this check relies on in the compose files and the code (tests/test_deploy_images.py holds them to it):
 PORT_VARIABLES = ("MTFT_PORT", "MTFT_VLLM_0_PORT", "MTFT_VLLM_1_PORT")  # vllm-<i> listens on MTFT_VLLM_<i>_PORT
 VARIABLES = {*PORT_VARIABLES, "MTFT_BIND", "MTFT_API_KEYS", "MTFT_ADMIN_KEY"}  # every variable the files read
 SERVICES = {"compose.yaml": ("serve", "train"), "compose.scale.yaml": ("router", "vllm-0", "vllm-1")}
 TRAIN_RUNS = {"ticket": (), "contact": ("--resume",)}  # appended to the train service's command
-METRICS = ("mtft_requests_total", "mtft_retries_total", "mtft_backend_healthy", "mtft_backend_adapters")
+METRICS = REQUESTS, RETRIES, HEALTHY, ADAPTERS = (
+    "mtft_requests_total", "mtft_retries_total", "mtft_backend_healthy", "mtft_backend_adapters")
 TRAFFIC = 48  # non-streamed requests while a backend is killed, 4 at a time
 KILL_AFTER = 8  # ... once this many have answered
 
@@ -176,7 +177,7 @@ def kill_mid_traffic(stack: Stack, victim: str) -> tuple[int, float]:
                 print(f"   killed vllm-0's container {victim[:12]} after {KILL_AFTER} answers", flush=True)
     if failures:
         raise CheckFailed(f"{len(failures)} of {TRAFFIC} non-streamed requests failed: {failures[:3]}")
-    return answered, sample(metrics(stack.url), "mtft_retries_total")
+    return answered, sample(metrics(stack.url), RETRIES)
 
 
 def rejoined(stack: Stack, backend: str, adapters: set[str], timeout_s: float) -> float:
@@ -184,8 +185,8 @@ def rejoined(stack: Stack, backend: str, adapters: set[str], timeout_s: float) -
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
         found = metrics(stack.url)
-        if sample(found, "mtft_backend_healthy", backend=backend) == 1 and \
-                sample(found, "mtft_backend_adapters", backend=backend) >= len(adapters):
+        if sample(found, HEALTHY, backend=backend) == 1 and \
+                sample(found, ADAPTERS, backend=backend) >= len(adapters):
             if adapters <= adapters_on(backend):
                 return time.monotonic() - started
         time.sleep(2)
@@ -197,7 +198,7 @@ def adapters_on(backend: str) -> set[str]:
     return {m["id"] for m in httpx.get(backend + "/v1/models", timeout=10).json()["data"] if m.get("parent")}
 
 
-def owners(stack: Stack, containers: list[str]) -> str:
+def owners(containers: list[str]) -> str:
     for c in containers:
         uid = subprocess.run(["docker", "exec", c, "id", "-u"], capture_output=True, text=True).stdout.strip()
         if uid != UID:
@@ -220,7 +221,7 @@ def check(stack: Stack) -> None:
     stack.run("compose.yaml", "up", "-d", "serve", log="serve.log", timeout_s=120)
     ready = wait_ready(stack.url, "/ready", [stack.container("compose.yaml", "serve")], timeout_s=420)
     adapter = {how: answer(stack.client, "ticket", how) for how in ("prefix", "model", "stream")}
-    counted = sample(metrics(stack.url), "mtft_requests_total", task="ticket")
+    counted = sample(metrics(stack.url), REQUESTS, task="ticket")
     if counted < 3:
         raise CheckFailed(f"/metrics counts {counted} ticket requests after 3")
     done(started, f"ready after {ready:.0f} s; adapter {adapter['prefix']}; /metrics counts {counted:.0f} ticket requests")
@@ -234,7 +235,7 @@ def check(stack: Stack) -> None:
     started = step("4/5 compose.scale.yaml: router image over two --vllm-only backends; vllm-0 killed mid-traffic")
     stack.run("compose.yaml", "down", log="serve.log", timeout_s=120)  # keeps the registry volume
     stack.run("compose.scale.yaml", "up", "-d", "router", log="scale.log", timeout_s=120)
-    containers = [stack.container("compose.scale.yaml", s) for s in ("router", "vllm-0", "vllm-1")]
+    containers = [stack.container("compose.scale.yaml", s) for s in SERVICES["compose.scale.yaml"]]
     ready = wait_ready(stack.url, "/ready", containers, timeout_s=600)
     adapters = {m.id for m in stack.client.models.list().data} & set(PREFIXES)
     if adapters != set(PREFIXES):
@@ -243,7 +244,7 @@ def check(stack: Stack) -> None:
     if len(loaded) < len(PREFIXES):
         raise CheckFailed(f"vllm-0 holds adapters {sorted(loaded)}: want one per task {sorted(PREFIXES)}")
     answered, retries = kill_mid_traffic(stack, containers[1])
-    down = sample(metrics(stack.url), "mtft_backend_healthy", backend=stack.backends[0])
+    down = sample(metrics(stack.url), HEALTHY, backend=stack.backends[0])
     print(f"   {answered}/{TRAFFIC} answered, none failed; router retries {retries:.0f}; "
           f"vllm-0 in rotation: {down:.0f}", flush=True)
     # A killed container stays down (docker kill is a manual stop for the restart policy): start it.
@@ -254,7 +255,7 @@ def check(stack: Stack) -> None:
                   f"loaded again after {back:.0f} s; then {len(after)} more answers")
 
     started = step("5/5 non-root containers, registry volume owned by the image's user")
-    done(started, owners(stack, containers))
+    done(started, owners(containers))
 
 
 def main() -> None:
