@@ -20,7 +20,7 @@ import pytest
 from mtft.registry import Registry
 from mtft.train import RunOptions, load_spec, train_shared
 from mtft.train import loop as train_loop
-from mtft.train.processes import Ranks, check_processes
+from mtft.train.processes import FSDP_NOT_APPLIED, Ranks, check_processes
 
 from conftest import tiny_spec
 from helpers import adapter_weights, run_log
@@ -139,6 +139,21 @@ def test_a_launch_mtft_cannot_run_is_refused_with_what_to_use():
     assert check_processes(8, 4, "MULTI_GPU") == [] and check_processes(8, 1, "NO") == []
     assert check_processes(8, 4, "FSDP", fsdp_version=2) == [] and check_processes(8, 4, "MULTI_GPU", quantized=True) == []
     assert check_processes(6, 4, "MULTI_CPU")[0].startswith("training.batch_size 6 does not divide into the 4")
+
+
+def test_fsdp_settings_mtft_does_not_apply_are_refused_not_dropped():
+    # mtft-train shards the frozen base itself, so accelerate's prepare-time FSDP settings would do nothing.
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    checkpointing, loading = check_processes(8, 2, "FSDP", fsdp_version=2,
+                                             fsdp_set=["activation_checkpointing", "cpu_ram_efficient_loading"])
+    assert checkpointing == ("accelerate's fsdp_activation_checkpointing: true is not applied by mtft-train (use "
+                             "training.gradient_checkpointing, which recomputes the frozen base's layers); set "
+                             "fsdp_activation_checkpointing: false in the accelerate config")
+    assert loading.startswith("accelerate's fsdp_cpu_ram_efficient_loading: true is not applied by mtft-train")
+    # The names are the plugin's own attributes, which Session reads off the launch's plugin.
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, activation_checkpointing=True)
+    assert [name for name in FSDP_NOT_APPLIED if getattr(plugin, name, False)] == ["activation_checkpointing"]
 
 
 @pytest.mark.parametrize("count", [1, 2, 3])

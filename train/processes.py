@@ -46,12 +46,20 @@ T = TypeVar("T")
 # longer than torch's defaults (NCCL 10 min, gloo 30 min) for a large eval split on a big model.
 COLLECTIVE_TIMEOUT = timedelta(hours=2)
 DATA_PARALLEL = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_HPU"}
+# FSDP settings accelerate applies in `prepare`, which mtft-train does not call (it shards the frozen
+# base itself, `FrozenBase.shard`): set, they would be dropped without a word, so they are refused.
+FSDP_NOT_APPLIED = {
+    "activation_checkpointing": "use training.gradient_checkpointing, which recomputes the frozen base's layers",
+    "cpu_ram_efficient_loading": "every process loads the checkpoint once and keeps its shard",
+}
 
 
 def check_processes(batch_size: int, processes: int, distributed_type: str, fsdp_version: int | None = None,
-                    quantized: bool = False) -> list[str]:
-    """What makes a launch unusable for this spec; every problem at once, before any training."""
-    problems = []
+                    quantized: bool = False, fsdp_set: Sequence[str] = ()) -> list[str]:
+    """What makes a launch unusable for this spec; every problem at once, before any training.
+    `fsdp_set`: the FSDP settings of `FSDP_NOT_APPLIED` the launch turns on."""
+    problems = [f"accelerate's fsdp_{name}: true is not applied by mtft-train ({FSDP_NOT_APPLIED[name]}); set "
+                f"fsdp_{name}: false in the accelerate config" for name in fsdp_set]
     if distributed_type == "DEEPSPEED":
         problems.append("accelerate distributed_type DEEPSPEED is not supported: to shard a base too big for one "
                         "device use FSDP (deploy/accelerate/1node-ngpu-fsdp.yaml; 1node-cpu-fsdp.yaml on CPUs)")

@@ -24,7 +24,7 @@ from .check import Checked, RunOptions
 from .evaluate import end_ids
 from .frozen_base import FrozenBase
 from .hardware import set_threads
-from .processes import Ranks, check_processes, fsdp_plugin, start_accelerator
+from .processes import FSDP_NOT_APPLIED, Ranks, check_processes, fsdp_plugin, start_accelerator
 from .publisher import Publisher
 from .results import TaskResult, write_results
 from .runlog import RunLog, plot
@@ -51,7 +51,8 @@ class Session:
         self.ranks = ranks = Ranks(self.accelerator)
         problems = check_processes(spec.training.batch_size, ranks.count,
                                    "FSDP" if plugin else str(self.accelerator.distributed_type.value),
-                                   plugin.fsdp_version if plugin else None, spec.training.base_quantization is not None)
+                                   plugin.fsdp_version if plugin else None, spec.training.base_quantization is not None,
+                                   [name for name in FSDP_NOT_APPLIED if plugin and getattr(plugin, name, False)])
         if problems:
             raise SpecError(str(spec.source), problems)
         if not ranks.is_main:  # every process runs the same program: the main one logs for all
