@@ -58,12 +58,13 @@ def served_score(spec_path: Path, registry: Path):
     from mtft.train import load_spec
     from mtft.train.check import RunOptions, check_run
     from mtft.train.evaluate import end_ids, evaluate
+    from mtft.train.hardware import choose_dtype
 
     spec = load_spec(spec_path)
     checked = check_run(spec, RunOptions(output=spec_path.parent / "served", registry=registry))
     [task] = checked.tasks
-    base = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=torch.bfloat16
-                                                if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32)
+    dtype = choose_dtype(spec.training.dtype, torch.device("cpu"))[0]  # what the run trained the base in
+    base = AutoModelForCausalLM.from_pretrained(checked.base_dir, dtype=dtype)
     model = PeftModel.from_pretrained(base, Registry(registry).version_dir("sst2", 1)).eval()
     return evaluate(model, checked.tokenizer, checked.data["sst2"].eval, task.metric, task.labels, task.max_new_tokens,
                     end_ids(checked.tokenizer, task.template.format), spec.training.eval_batch_size)
