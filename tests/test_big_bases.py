@@ -88,16 +88,6 @@ def test_a_run_with_gradient_checkpointing_publishes_the_adapter_a_run_without_d
     assert max(w.abs().max() for k, w in plain.items() if "lora_B" in k) > 1e-3, "never trained"
 
 
-def spec_with(folder, base, quantization: dict | None = None, **training):
-    """The tiny spec with `training.base_quantization: quantization` and other training keys."""
-    path = tiny_spec(folder, base, **training)
-    if quantization is not None:
-        raw = yaml.safe_load(path.read_text())
-        raw["training"]["base_quantization"] = quantization
-        path.write_text(yaml.safe_dump(raw))
-    return path
-
-
 @pytest.mark.slow
 def test_a_4bit_base_trains_and_publishes_an_ordinary_lora_served_on_the_full_base(tmp_path, tiny_base, trained):
     from peft import PeftModel
@@ -105,7 +95,7 @@ def test_a_4bit_base_trains_and_publishes_an_ordinary_lora_served_on_the_full_ba
 
     from mtft.registry import Registry, fingerprint, servable_problems
 
-    path = spec_with(tmp_path, tiny_base, {"bits": 4, "type": "nf4"}, max_steps=12, eval_every=None)
+    path = tiny_spec(tmp_path, tiny_base, base_quantization={"bits": 4, "type": "nf4"}, max_steps=12, eval_every=None)
     options = RunOptions(output=tmp_path / "run", registry=tmp_path / "reg", tasks=["yesno"])
     [result] = train_adapters(load_spec(path), options)
     losses = [r["loss"] for r in run_log(options.output) if "loss" in r]
@@ -137,7 +127,7 @@ def test_a_base_that_is_already_quantized_is_refused_at_check(tmp_path, tiny_bas
     shutil.copytree(tiny_base, quantized)
     config = json.loads((quantized / "config.json").read_text())
     (quantized / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq"}}))
-    path = spec_with(tmp_path, quantized, {"bits": 4})
+    path = tiny_spec(tmp_path, quantized, base_quantization={"bits": 4})
     result = cli("adapters", "--config", str(path), "--check", "--registry", str(tmp_path / "reg"))
     assert result.exit_code == 2, result.output
     assert "training.base_quantization: base model" in result.output and "is already quantized (gptq)" in result.output
@@ -153,7 +143,7 @@ def test_a_bad_quantization_is_refused_with_its_line(tmp_path, tiny_base, quanti
     from mtft.train import SpecError
 
     with pytest.raises(SpecError, match=message):
-        load_spec(spec_with(tmp_path, tiny_base, quantization))
+        load_spec(tiny_spec(tmp_path, tiny_base, base_quantization=quantization))
 
 
 def test_a_4bit_run_without_bitsandbytes_says_which_extra_to_install(tmp_path, tiny_base):
@@ -162,7 +152,7 @@ def test_a_4bit_run_without_bitsandbytes_says_which_extra_to_install(tmp_path, t
 
     from helpers import blocking_env
 
-    path = spec_with(tmp_path, tiny_base, {"bits": 4})
+    path = tiny_spec(tmp_path, tiny_base, base_quantization={"bits": 4})
     result = subprocess.run([sys.executable, "-m", "mtft.train.cli", "adapters", "--config", str(path), "--check",
                              "--registry", str(tmp_path / "reg")], capture_output=True, text=True,
                             env=blocking_env(tmp_path / "site", ("bitsandbytes",)))
