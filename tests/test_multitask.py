@@ -102,6 +102,48 @@ def test_a_task_layer_trains_as_the_peft_lora_it_exports_to(tiny_base, dtype):
         assert (grad - theirs[1][key]).abs().max() <= (1e-5 if dtype == "float32" else 0.05) * scale, key
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_task_layer_computes_the_plain_lora_composition_in_fewer_passes(dtype, dropout):
+    """A layer's written-out product and backward (`_LoRAProduct`) give what autograd gives for the plain
+    composition base(x) + s · B_t A_t dropout(x) on each task's rows: the output and every gradient
+    (input, each task's A and B), float32 to rounding, bfloat16 to its rounding."""
+    from mtft.train.tasklora import SeparateLoRALinear, _Rows, _TaskLinear
+
+    dt = getattr(torch, dtype)
+    torch.manual_seed(0)
+    rows = _Rows()
+    layer = SeparateLoRALinear(torch.nn.Linear(64, 96).to(dt).requires_grad_(False), 3, 8, 16, dropout, rows)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.2)
+    rows.runs = [(2, 2), (0, 3)]  # task 1 has no rows: its weights get no gradient
+    x = torch.randn(5, 7, 64, dtype=dt, requires_grad=True)
+    grad_out = torch.randn(5, 7, 96, dtype=dt)
+
+    def outputs_and_grads(forward):
+        x.grad = None
+        for p in params:
+            p.grad = None
+        torch.manual_seed(1)  # the same dropout masks
+        out = forward(x)
+        out.backward(grad_out)
+        return [out, x.grad] + [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+
+    written = outputs_and_grads(layer)
+    plain = outputs_and_grads(lambda inputs: _TaskLinear.forward(layer, inputs))
+    tolerance = {"rtol": 1e-5, "atol": 1e-5} if dtype == "float32" else {"rtol": 0.02, "atol": 0.02}
+    for ours, theirs in zip(written, plain, strict=True):
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs, **tolerance)
+    # params: A_0, A_1, A_2, B_0, B_1, B_2
+    assert written[2 + 1].abs().max() == 0 and written[2 + 5].abs().max() > 0  # A_1 untouched, B_2 trained
+    # The check can fail: a delta that skipped the scaling would be off by the delta itself.
+    layer.scaling /= 2
+    assert (layer(x) - written[0]).abs().max() > 0.1
+
+
 def test_a_mixed_batch_sends_each_row_through_its_own_task(tiny_base):
     from transformers import AutoModelForCausalLM
 

@@ -118,6 +118,60 @@ def _cat(pieces: list[torch.Tensor]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
 
+class _LoRAProduct(torch.autograd.Function):
+    """y = x W^T + bias, plus s · B_t A_t x' on each run of rows (x' = dropout(x), or x), with the
+    backward written out.
+
+    The same sums as `_TaskLinear.forward`'s composition in fewer passes over the activations:
+    autograd's version adds the delta to the base product, scales it, slices the rows for each task
+    and, in backward, scatters the slice's gradient into a zero tensor and sums the two input
+    gradients, each a pass over a (tokens × features) tensor in every projection of every layer.
+    Here the delta is accumulated into the base product by the same matmul call (`addmm_`), and
+    the input gradient of the delta into the base's. A and B arrive float32 and take the input's
+    dtype for the products, as in `_as`; their gradients go back in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, dropped, weight, bias, scaling, bounds, *pairs):
+        flat = x.reshape(-1, x.shape[-1])
+        lora_in = flat if dropped is None else dropped.reshape(flat.shape)
+        per_row = flat.shape[0] // x.shape[0]  # positions in one batch row
+        y = F.linear(flat, weight, bias)
+        saved = []
+        for (start, stop), a, b in zip(bounds, pairs[0::2], pairs[1::2]):
+            rows = slice(start * per_row, stop * per_row)
+            a, b = a.to(x.dtype), b.to(x.dtype)
+            h = lora_in[rows] @ a.t()
+            y[rows].addmm_(h, b.t(), alpha=scaling)
+            saved += [a, b, h]
+        ctx.save_for_backward(lora_in, weight, *saved)
+        ctx.scaling, ctx.rows, ctx.shape = scaling, [slice(s * per_row, e * per_row) for s, e in bounds], x.shape
+        ctx.dtypes = [p.dtype for p in pairs]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        lora_in, weight, *saved = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        wants_x, wants_dropped = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = g @ weight if wants_x else None
+        # Without dropout the delta's input gradient goes straight into the base's.
+        grad_in = torch.empty_like(lora_in) if wants_dropped else grad_x
+        grads = []
+        for i, rows in enumerate(ctx.rows):
+            a, b, h = saved[3 * i:3 * i + 3]
+            g_rows = g[rows]
+            grad_h = (g_rows @ b) * ctx.scaling
+            grads += [(grad_h.t() @ lora_in[rows]).to(ctx.dtypes[2 * i]),
+                      ((g_rows.t() @ h) * ctx.scaling).to(ctx.dtypes[2 * i + 1])]
+            if grad_in is grad_x and grad_x is not None:
+                grad_x[rows].addmm_(grad_h, a)
+            elif wants_dropped:
+                torch.mm(grad_h, a, out=grad_in[rows])
+        return (None if grad_x is None else grad_x.view(ctx.shape),
+                grad_in.view(ctx.shape) if wants_dropped else None, None, None, None, None, *grads)
+
+
 class SeparateLoRALinear(_TaskLinear):
     """One ordinary LoRA (A_t, B_t) per task: N adapters trained in one pass."""
 
@@ -125,6 +179,15 @@ class SeparateLoRALinear(_TaskLinear):
         super().__init__(base, rank, alpha, dropout, rows)
         self.lora_A = self._params(tasks, rank, base.in_features)
         self.lora_B = self._params(tasks, base.out_features, rank)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(self.base) is not nn.Linear:  # a 4-bit base computes its own product: the plain composition
+            return super().forward(x)
+        segments = self.rows.segments(x.shape[0])
+        dropped = None if isinstance(self.dropout, nn.Identity) else self.dropout(x)
+        pairs = [p for task, _, _ in segments for p in (self.lora_A[task], self.lora_B[task])]
+        return _LoRAProduct.apply(x, dropped, self.base.weight, self.base.bias, self.scaling,
+                                  [(start, stop) for _, start, stop in segments], *pairs)
 
     def down(self, x, task):
         return F.linear(x, _as(self.lora_A[task], x))
