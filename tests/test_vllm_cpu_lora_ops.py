@@ -310,7 +310,15 @@ def layer_weights(slots: int, width_in: int, output_slices, dtype, seed: int, ra
             tuple(random_weights(slots, size, rank, dtype, g) for size in output_slices))
 
 
-@pytest.mark.parametrize("path", ["torch", "kernel", "kernel, weights in the model's dtype"])
+KERNEL_WEIGHTS = {  # the kernel's weights: (dtype, layout) for activations of `dtype`
+    "kernel, fp32 weights": lambda dtype: (torch.float32, fused.SIDE_BY_SIDE),
+    "kernel, model's dtype, slices side by side": lambda dtype: (dtype, fused.SIDE_BY_SIDE),
+    # bf16 pairs where the build has AVX-512-bf16 (what the plugin uses there), else side by side
+    "kernel, model's dtype, the kernel's layout": lambda dtype: (dtype, kernel.layout(dtype)),
+}
+
+
+@pytest.mark.parametrize("path", ["torch", *KERNEL_WEIGHTS])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("segments,slots,rank,hidden,seed", list(cases()))
@@ -323,20 +331,38 @@ def test_fused_layer_equals_vllm_and_gives_no_adapter_rows_zero(segments, slots,
     x = torch.randn(tokens, width_in, generator=g).to(dtype)
     before = torch.randn(tokens, sum(output_slices) + 5, generator=g).to(dtype)  # 5 columns nobody's
     batch = fused.plan(tuple(s for s, _ in segments), tuple(n for _, n in segments))
-    if tokens > fused.MAX_ROWS:
-        assert batch is None  # the grouped ops take these (tested above), in the kernel's mode too
-        return
     new, vllm = before.clone(), before.clone()
-    if path.startswith("kernel"):  # every batch the torch path takes
+    if path in KERNEL_WEIGHTS:  # any batch: the plugin gives the kernel long prefills too where it has bf16 pairs
         kernel.load()
-        weights = fused.stacked({}, lora_a, lora_b, output_slices, dtype if "dtype" in path else torch.float32,
-                                diagonal=False)
+        weights = fused.stacked({}, lora_a, lora_b, output_slices, *KERNEL_WEIGHTS[path](dtype))
         kernel.lora_linear(new, x, weights, token_slots(segments), output_slices, 1.0)
+    elif tokens > fused.MAX_ROWS:
+        assert batch is None  # the grouped ops take these (tested above)
+        return
     else:
         fused.lora_linear(new, x, fused.stacked({}, lora_a, lora_b, output_slices), batch, 1.0)
     vllm_layer(x, lora_a, lora_b, vllm, segments, output_slices)
     assert torch.equal(new[:, -5:], before[:, -5:])
     check_rows(new, vllm, before, segments, dtype, written_zero=False)
+
+
+@pytest.mark.parametrize("rank", [1, 2, 7, 8])
+def test_the_pairs_layout_holds_each_slots_b_transposed_two_ranks_side_by_side(rank):
+    # What the AVX-512-bf16 path reads: value (q, j) of a slot's B^T at [q // 2, 2 * j + q % 2], an odd
+    # rank padded with a zero row; A as in every layout.
+    lora_a, lora_b = layer_weights(3, 48, (48, 16, 16), torch.bfloat16, seed=5, rank=rank)
+    side = fused.Stacked.of(lora_a, lora_b, (48, 16, 16), torch.bfloat16, fused.SIDE_BY_SIDE)
+    pairs = fused.Stacked.of(lora_a, lora_b, (48, 16, 16), torch.bfloat16, fused.PAIRS)
+    assert torch.equal(pairs.a, side.a)
+    padded = (rank + 1) // 2 * 2
+    assert pairs.b.shape == (3 * padded // 2, 2 * 80)
+    by_slot = side.b.view(3, rank, 80)
+    for slot in range(3):
+        for q in range(padded):
+            expected = by_slot[slot, q] if q < rank else torch.zeros(80, dtype=torch.bfloat16)
+            assert torch.equal(pairs.b[slot * padded // 2 + q // 2, q % 2 :: 2], expected)
+    with pytest.raises(ValueError, match="valid layouts are"):
+        fused.Stacked.of(lora_a, lora_b, (48, 16, 16), torch.bfloat16, "interleaved")
 
 
 @pytest.fixture
@@ -513,13 +539,15 @@ def test_a_kernel_build_is_kept_per_source_torch_and_cpu(monkeypatch):
     ("too few slots for the rows", lambda y, x, w: kernel.lora_linear(
         y, x, w, torch.tensor([0]), (48, 16, 16), 1.0), "one entry per row of x"),
     ("weights in a third dtype", lambda y, x, w: torch.ops.mtft.lora_linear(
-        y, x, w.a.bfloat16(), w.b.bfloat16(), torch.tensor([0, 1]), 8, (48, 16, 16), 1.0),
+        y, x, w.a.bfloat16(), w.b.bfloat16(), torch.tensor([0, 1]), 8, (48, 16, 16), 1.0, False),
         "both float32 or both x's dtype \\(Float\\); they are BFloat16 and BFloat16"),
+    ("the pairs layout for fp32 weights", lambda y, x, w: torch.ops.mtft.lora_linear(
+        y, x, w.a, w.b, torch.tensor([0, 1]), 8, (48, 16, 16), 1.0, True), "the paired layout is for bf16 weights"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call, match):
     kernel.load()
     lora_a, lora_b = layer_weights(4, 48, (48, 16, 16), torch.float32, seed=9)
-    weights = fused.stacked({}, lora_a, lora_b, (48, 16, 16), diagonal=False)
+    weights = fused.stacked({}, lora_a, lora_b, (48, 16, 16), layout=fused.SIDE_BY_SIDE)
     x, y = torch.randn(2, 48), torch.randn(2, 80)
     before = y.clone()
     with pytest.raises(RuntimeError, match=match):
@@ -529,7 +557,7 @@ def test_the_kernel_refuses_inconsistent_arguments_without_writing(problem, call
 
 def test_the_kernel_refuses_weights_in_the_torch_paths_layout():
     lora_a, lora_b = layer_weights(4, 48, (48, 16, 16), torch.float32, seed=9)
-    with pytest.raises(ValueError, match="diagonal=False"):
+    with pytest.raises(ValueError, match="not diagonal: build the weights with layout=kernel.layout"):
         kernel.lora_linear(torch.zeros(2, 80), torch.randn(2, 48), fused.stacked({}, lora_a, lora_b, (48, 16, 16)),
                            torch.tensor([0, 1]), (48, 16, 16), 1.0)
 
@@ -548,14 +576,15 @@ def test_mtft_serve_prepares_the_kernel_before_vllm_starts_and_never_fails_on_it
     assert vllm_plugin.prepare().startswith("no compiled LoRA kernel needed")
 
 
-def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_the_kernel_gives_each_row_the_same_delta_on_one_thread_or_several(dtype):
     # Rows are split over torch's intra-op threads; each row is one thread's, so the split must not
     # change a bit of the result (and no row may be skipped or done twice).
     kernel.load()
-    lora_a, lora_b = layer_weights(8, 48, (80, 80), torch.float32, seed=11)
-    weights = fused.stacked({}, lora_a, lora_b, (80, 80), diagonal=False)
+    lora_a, lora_b = layer_weights(8, 48, (80, 80), dtype, seed=11)
+    weights = fused.stacked({}, lora_a, lora_b, (80, 80), dtype, kernel.layout(dtype))
     slots = torch.tensor([(i * 3) % 9 - 1 for i in range(64)])  # every slot and -1, interleaved
-    x, before = torch.randn(64, 48), torch.randn(64, 160)
+    x, before = torch.randn(64, 48).to(dtype), torch.randn(64, 160).to(dtype)
     threads = torch.get_num_threads()
     out = {}
     try:

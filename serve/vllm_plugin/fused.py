@@ -32,37 +32,49 @@ MAX_ROWS = 256
 MAX_SLOTS = 16
 
 
+# How `Stacked.b` holds each slot's B^T (see Stacked).
+DIAGONAL, SIDE_BY_SIDE, PAIRS = "diagonal", "side by side", "pairs"
+
+
 @dataclass(frozen=True)
 class Stacked:
     """A layer's adapters in the fused layout: slot s owns rows [s * block, (s + 1) * block) of `a`.
 
-    `b` holds each slot's B^T either block-diagonally, (slots * block, width), so that torch
-    multiplies all slices in one matmul, or (`diagonal` False) with the slices side by side,
-    (slots * rank, width): the compiled kernel's layout, which skips the zeros and reads each
-    slot's weights as one contiguous run."""
+    `b` holds each slot's B^T in one of three layouts: DIAGONAL, block-diagonally, (slots * block,
+    width), so that torch multiplies all slices in one matmul; SIDE_BY_SIDE, the slices side by
+    side, (slots * rank, width): the compiled kernel's layout, which skips the zeros and reads each
+    slot's weights as one contiguous run; PAIRS, the same with its rank rows interleaved two by two,
+    (slots * ceil(rank / 2), width * 2), value (q, j) at [q // 2, 2 * j + q % 2] (an odd rank padded
+    with a zero row): what the kernel's AVX-512-bf16 path multiplies, two ranks per instruction."""
 
     a: torch.Tensor  # (slots * block, in): each slot's slices' A matrices, stacked
-    b: torch.Tensor  # (slots * block, width) block-diagonal, or (slots * rank, width) side by side
+    b: torch.Tensor  # B^T in `layout`
     block: int  # slices * rank
     rank: int
     width: int  # sum of the output slices
-    diagonal: bool
+    layout: str
     versions: tuple[int, ...]  # of the vLLM tensors it was built from
 
     @classmethod
     def of(cls, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-           output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32, diagonal: bool = True) -> Stacked:
+           output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32, layout: str = DIAGONAL) -> Stacked:
         """From vLLM's per-slice (slots, 1, rank, in) A and (slots, 1, out, rank) B tensors, in `dtype`."""
+        if layout not in (DIAGONAL, SIDE_BY_SIDE, PAIRS):
+            raise ValueError(f"Stacked layout {layout!r}: valid layouts are {DIAGONAL!r}, {SIDE_BY_SIDE!r}, {PAIRS!r}")
         slots, _, rank, _ = lora_a[0].shape
         block, width = rank * len(lora_a), sum(output_slices)
+        diagonal = layout == DIAGONAL
         a = torch.cat([t[:, 0].float() for t in lora_a], dim=1)
-        b = torch.zeros(slots, block if diagonal else rank, width)
+        b_rows = block if diagonal else rank + rank % 2 if layout == PAIRS else rank
+        b = torch.zeros(slots, b_rows, width)
         for i, (t, offset, size) in enumerate(zip(lora_b, accumulate((0, *output_slices)), output_slices)):
             columns = min(size, t.shape[2])  # vLLM's ops write the columns both have (padding differs)
             rows = slice(i * rank, (i + 1) * rank) if diagonal else slice(0, rank)
             b[:, rows, offset : offset + columns] = t[:, 0, :columns].float().transpose(1, 2)
-        return cls(a.reshape(slots * block, -1).to(dtype), b.reshape(-1, width).to(dtype), block, rank, width,
-                   diagonal, _versions(lora_a, lora_b))
+        if layout == PAIRS:  # (slots, pairs, 2, width) -> (slots, pairs, width, 2)
+            b = b.view(slots, -1, 2, width).transpose(2, 3).reshape(slots, -1, 2 * width)
+        return cls(a.reshape(slots * block, -1).to(dtype), b.reshape(-1, b.shape[-1]).to(dtype), block, rank, width,
+                   layout, _versions(lora_a, lora_b))
 
 
 def _versions(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]) -> tuple[int, ...]:
@@ -70,15 +82,15 @@ def _versions(lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...]
 
 
 def stacked(cache: dict, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
-            output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32, diagonal: bool = True) -> Stacked:
+            output_slices: tuple[int, ...], dtype: torch.dtype = torch.float32, layout: str = DIAGONAL) -> Stacked:
     """The layer's `Stacked` (`dtype`, layout) from `cache`, rebuilt when vLLM wrote any of its slot tensors.
 
     `cache` holds one entry per layer, under `id(lora_a[0])`: keep one cache per layout."""
     key = id(lora_a[0])
     entry = cache.get(key)
     if (entry is None or entry[0] is not lora_a[0] or entry[1].versions != _versions(lora_a, lora_b)
-            or entry[1].diagonal != diagonal or entry[1].a.dtype != dtype):
-        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices, dtype, diagonal))
+            or entry[1].layout != layout or entry[1].a.dtype != dtype):
+        entry = cache[key] = (lora_a[0], Stacked.of(lora_a, lora_b, output_slices, dtype, layout))
     return entry[1]
 
 

@@ -12,6 +12,7 @@ the plugin says so in one log line. `python -m mtft.serve.vllm_plugin` builds it
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import platform
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .fused import Stacked
+from .fused import PAIRS, SIDE_BY_SIDE, Stacked
 
 SOURCE = Path(__file__).with_name("lora_kernel.cpp")
 NAME = "mtft_lora_kernel"
@@ -104,11 +105,24 @@ def weight_dtype(slot_weights: torch.Tensor, x: torch.Tensor) -> torch.dtype:
     return slot_weights.dtype if slot_weights.dtype == x.dtype else torch.float32
 
 
+def layout(weights_dtype: torch.dtype) -> str:
+    """The `Stacked` layout the kernel reads weights of `weights_dtype` in (see `weight_dtype`): bf16
+    pairs where the build multiplies bf16 with AVX-512-bf16, else the slices side by side. Call
+    `load()` first."""
+    return PAIRS if weights_dtype == torch.bfloat16 and _bf16_pairs() else SIDE_BY_SIDE
+
+
+@functools.cache
+def _bf16_pairs() -> bool:  # asked once: the plugin asks for every layer's call
+    return bool(torch.ops.mtft.bf16_pairs())
+
+
 def lora_linear(y: torch.Tensor, x: torch.Tensor, weights: Stacked, slots: torch.Tensor, sizes: tuple[int, ...],
                 scale: float) -> None:
     """y[row, :sum(sizes)] += scale * (x[row] @ A_s^T) @ B_s in place, for each row's slot s >= 0
-    (`sizes`: the layer's output slices); rows with slot -1 are left as they are. `weights` in the
-    kernel's layout (`Stacked` with diagonal=False). Call `load()` first."""
-    if weights.diagonal:
-        raise ValueError("the kernel reads B^T with the slices side by side: build the weights with diagonal=False")
-    torch.ops.mtft.lora_linear(y, x, weights.a, weights.b, slots, weights.rank, sizes, scale)
+    (`sizes`: the layer's output slices); rows with slot -1 are left as they are. `weights` in a
+    kernel layout (`layout()`). Call `load()` first."""
+    if weights.layout not in (SIDE_BY_SIDE, PAIRS):
+        raise ValueError(f"the kernel reads B^T {SIDE_BY_SIDE} or in {PAIRS}, not {weights.layout}: build the "
+                         "weights with layout=kernel.layout(dtype)")
+    torch.ops.mtft.lora_linear(y, x, weights.a, weights.b, slots, weights.rank, sizes, scale, weights.layout == PAIRS)

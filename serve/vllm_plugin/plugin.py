@@ -121,25 +121,35 @@ def kernel_add_lora_linear(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacke
                            lora_b_stacked: tuple[torch.Tensor, ...], scale: float, output_slices: tuple[int, ...],
                            *, buffer: tuple[torch.Tensor, ...] | None = None, **kwargs) -> None:
     """`PunicaWrapperCPU.add_lora_linear` (same signature): the compiled kernel where it takes the
-    batch, else the torch fused path (which hands large batches on to the grouped ops)."""
-    slots = self.token_lora_indices  # one per token: its slot, -1 for none (the kernel skips those rows)
-    rows = slots.shape[0]
-    y2, x2 = y.view(-1, y.shape[-1]), x.view(-1, x.shape[-1])
+    batch, else the torch fused path (which hands large batches on to the grouped ops).
+
+    A decode step calls this about 120 times, so every microsecond of Python here is about a tenth
+    of a millisecond per step: it reads the wrapper's slot buffer whole (the kernel reads its first
+    `rows` entries) and views or slices only where vLLM's tensors need it."""
     batch = _step_plan(self)  # worked out once per step
     if batch is not None and batch.slots == 0:
         return  # no row has an adapter (base traffic): not even the stacked weights' lookup
-    # Up to MAX_ROWS rows (decode steps, short prefills) the kernel is faster than the torch path or
-    # even with it (bench/lora_layer.py); longer prefills keep the grouped ops' big matmuls.
-    if (rows > fused.MAX_ROWS or kwargs.get("add_inputs", True) is not True
+    rows = self.indices_len[0]  # tokens in the batch: token_lora_indices without slicing it
+    y2 = y if y.dim() == 2 else y.view(-1, y.shape[-1])
+    x2 = x if x.dim() == 2 else x.view(-1, x.shape[-1])
+    dtype = kernel.weight_dtype(lora_a_stacked[0], x2)
+    layout = kernel.layout(dtype)
+    # Where the kernel multiplies bf16 natively (PAIRS) it takes every batch: its panels read each
+    # weight once per few rows, as a matmul does, and a prefill that mixes adapters is one call
+    # instead of one per slot and slice. Elsewhere only up to MAX_ROWS rows (decode steps, short
+    # prefills), where it is faster than the torch path or even with it; longer prefills keep the
+    # grouped ops' big matmuls (bench/lora_layer.py, bench/lora_throughput.py).
+    if ((rows > fused.MAX_ROWS and layout != fused.PAIRS) or (kwargs and kwargs.get("add_inputs", True) is not True)
             or x2.dtype != y2.dtype or x2.shape[0] < rows or y2.stride(-1) != 1 or x2.stride(-1) != 1):
         fused_add_lora_linear(self, y, x, lora_a_stacked, lora_b_stacked, scale, output_slices, buffer=buffer,
                               **kwargs)
         return
     # The kernel's own copies (its layout, the model's dtype), beside the torch path's.
     cache = self.__dict__.setdefault("_mtft_kernel", {})
-    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices,
-                            kernel.weight_dtype(lora_a_stacked[0], x2), diagonal=False)
-    kernel.lora_linear(y2[:rows], x2[:rows], weights, slots, output_slices, scale)
+    weights = fused.stacked(cache, lora_a_stacked, lora_b_stacked, output_slices, dtype, layout)
+    if x2.shape[0] != rows:
+        x2, y2 = x2[:rows], y2[:rows]
+    kernel.lora_linear(y2, x2, weights, self._token_lora_indices, output_slices, scale)
 
 
 def skipping_add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stacked: torch.Tensor,
