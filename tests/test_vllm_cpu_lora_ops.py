@@ -463,6 +463,41 @@ def test_the_lm_head_lora_is_skipped_only_while_no_slot_holds_head_weights(unpat
     torch.testing.assert_close(fused, off)
 
 
+def test_the_embedding_lora_is_skipped_only_while_no_slot_holds_embedding_weights(unpatched, wrapper, monkeypatch):
+    # vLLM also runs the token embedding's LoRA expand every step; adapters that do not train
+    # embed_tokens leave its slots zero, so the fused and kernel modes skip it until a slot is written.
+    from mtft.serve.vllm_plugin import plugin
+
+    hidden, slots = 16, 4
+    lora_b = torch.zeros(slots, 1, hidden, 8)
+    low, embedded = torch.randn(6, 8), torch.randn(6, hidden)
+    set_batch(wrapper, [2, 2, 3, 0, 2, 3], slots, is_prefill=False)
+    calls = []
+    vllm_embedding = vllm_plugin.vllm_ops()[plugin.EMBEDDING]
+    monkeypatch.setitem(plugin._vllm_ops, plugin.EMBEDDING,
+                        lambda *a, **k: calls.append(1) or vllm_embedding(*a, **k))
+
+    def embedding(mode: str) -> torch.Tensor:
+        vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+        y = embedded.clone()
+        wrapper.add_lora_embedding(y, low, lora_b, add_input=True)  # vLLM's own call, its keyword included
+        return y
+
+    for mode in (vllm_plugin.FUSED, vllm_plugin.KERNEL):
+        assert torch.equal(embedding(mode), embedded) and not calls, f"{mode}, zero slots: skipped"
+    torch.testing.assert_close(embedding(vllm_plugin.OFF), embedded)  # what vLLM computes: a zero delta
+    lora_b[2, 0].copy_(torch.randn(hidden, 8))  # an adapter with embed_tokens weights loads into slot 2
+    calls.clear()
+    patched, off = embedding(vllm_plugin.KERNEL), embedding(vllm_plugin.OFF)
+    assert calls and not torch.allclose(patched, embedded)
+    torch.testing.assert_close(patched, off)
+    lora_b.zero_()  # the slot unloaded again: skipped again, but not by the grouped ops alone
+    calls.clear()
+    assert torch.equal(embedding(vllm_plugin.KERNEL), embedded) and not calls
+    embedding(vllm_plugin.GROUPED)
+    assert calls
+
+
 @pytest.mark.parametrize("mode", [vllm_plugin.FUSED, vllm_plugin.KERNEL])
 def test_fused_plan_follows_each_new_batch_and_slot_reload(unpatched, wrapper, mode):
     # The fused path works out a step's plan once for all its layers: every new batch vLLM sets

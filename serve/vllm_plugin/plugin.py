@@ -42,6 +42,8 @@ OPS = ("bgmv_expand", "bgmv_expand_slice", "bgmv_shrink", "sgmv_expand", "sgmv_e
 MODULES = ("vllm.lora.ops.torch_ops.lora_ops", "vllm.lora.ops.torch_ops", "vllm.lora.punica_wrapper.punica_cpu")
 ENTRY = "add_lora_linear"  # PunicaWrapperCPU's method every LoRA linear layer calls
 LOGITS = "add_lora_logits"  # and the one vLLM's LoRA wrapper of the LM head calls every step
+EMBEDDING = "add_lora_embedding"  # and the one its LoRA wrapper of the token embedding calls every step
+SKIPPED = (LOGITS, EMBEDDING)  # skipped while no slot holds weights for them (_any_slot_written)
 
 DESCRIPTIONS = {KERNEL: ", one compiled shrink and expand per layer for small batches",
                 FUSED: ", one fused shrink and expand per layer for small batches", GROUPED: ""}
@@ -70,12 +72,12 @@ def vllm_ops() -> dict[str, Callable]:
     module = importlib.import_module(MODULES[0])
     ops = {name: _vllm_ops.get(name, getattr(module, name)) for name in OPS}
     wrapper = _wrapper_class()
-    return {**ops, **{name: _vllm_ops.get(name) or wrapper.__dict__[name] for name in (ENTRY, LOGITS)}}
+    return {**ops, **{name: _vllm_ops.get(name) or wrapper.__dict__[name] for name in (ENTRY, *SKIPPED)}}
 
 
 def _wrapper_class() -> type:
     wrapper = importlib.import_module(MODULES[-1]).PunicaWrapperCPU
-    for name in (ENTRY, LOGITS):
+    for name in (ENTRY, *SKIPPED):
         _vllm_ops.setdefault(name, wrapper.__dict__[name])
     return wrapper
 
@@ -158,11 +160,25 @@ def skipping_add_lora_logits(self, y: torch.Tensor, x: torch.Tensor, lora_a_stac
 
     vLLM wraps the LM head for LoRA whatever the adapters train, and its shrink and expand over
     the vocabulary-wide logits are a large share of a small model's decode step, for a delta of
-    exactly zero when no adapter has `lm_head` weights (vLLM then zeroes its slot). Whether any slot is
-    nonzero is looked up once per write of the slot tensor (its version), not per step."""
-    if _per_version(self, "_mtft_head", lora_b_stacked, lambda: bool(lora_b_stacked.any())):
+    exactly zero when no adapter has `lm_head` weights (vLLM then zeroes its slot)."""
+    if _any_slot_written(self, "_mtft_head", lora_b_stacked):
         return _vllm_ops[LOGITS](self, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs)
     return y
+
+
+def skipping_add_lora_embedding(self, y: torch.Tensor, x: torch.Tensor, lora_b_stacked: torch.Tensor,
+                                add_inputs: bool = True, **kwargs):
+    """`PunicaWrapperCPU.add_lora_embedding`, skipped while no slot holds embedding weights: vLLM
+    wraps the token embedding for LoRA too and expands every token's rank-r row each step, for a
+    delta of exactly zero when no adapter trains `embed_tokens` (vLLM zeroes the slot it loads into)."""
+    if _any_slot_written(self, "_mtft_embedding", lora_b_stacked):
+        return _vllm_ops[EMBEDDING](self, y, x, lora_b_stacked, add_inputs, **kwargs)
+    return None
+
+
+def _any_slot_written(wrapper, attribute: str, lora_b_stacked: torch.Tensor) -> bool:
+    """Whether any slot of `lora_b_stacked` is nonzero, looked up once per write of it (its version), not per step."""
+    return _per_version(wrapper, attribute, lora_b_stacked, lambda: bool(lora_b_stacked.any()))
 
 
 LINEAR = {KERNEL: kernel_add_lora_linear, FUSED: fused_add_lora_linear}
@@ -170,8 +186,8 @@ LINEAR = {KERNEL: kernel_add_lora_linear, FUSED: fused_add_lora_linear}
 
 def patch(mode: str = KERNEL) -> None:
     """Point every name the CPU punica wrapper reaches the ops through at the grouped ops, and with
-    `mode` kernel or fused its `add_lora_linear` at that path and its `add_lora_logits` at the
-    skipping one. Raises `kernel.KernelError` (changing nothing) for kernel where it is not built."""
+    `mode` kernel or fused its `add_lora_linear` at that path and its `add_lora_logits` and
+    `add_lora_embedding` at the skipping ones. Raises `kernel.KernelError` (changing nothing) for kernel where it is not built."""
     if mode not in (KERNEL, FUSED, GROUPED):
         raise ValueError(f"patch(mode={mode!r}): valid modes are {KERNEL!r}, {FUSED!r} and {GROUPED!r}; "
                          "restore() is off")
@@ -185,7 +201,8 @@ def patch(mode: str = KERNEL) -> None:
             setattr(module, name, getattr(lora_ops, name))
     wrapper = _wrapper_class()
     setattr(wrapper, ENTRY, LINEAR.get(mode, _vllm_ops[ENTRY]))
-    setattr(wrapper, LOGITS, skipping_add_lora_logits if mode in LINEAR else _vllm_ops[LOGITS])
+    for name, skipping in ((LOGITS, skipping_add_lora_logits), (EMBEDDING, skipping_add_lora_embedding)):
+        setattr(wrapper, name, skipping if mode in LINEAR else _vllm_ops[name])
 
 
 def restore() -> None:
@@ -196,8 +213,8 @@ def restore() -> None:
         for name in OPS:
             setattr(module, name, originals[name])
     wrapper = _wrapper_class()
-    setattr(wrapper, ENTRY, _vllm_ops[ENTRY])
-    setattr(wrapper, LOGITS, _vllm_ops[LOGITS])
+    for name in (ENTRY, *SKIPPED):
+        setattr(wrapper, name, _vllm_ops[name])
 
 
 def is_patched() -> bool:
