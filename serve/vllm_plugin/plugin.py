@@ -187,7 +187,8 @@ LINEAR = {KERNEL: kernel_add_lora_linear, FUSED: fused_add_lora_linear}
 def patch(mode: str = KERNEL) -> None:
     """Point every name the CPU punica wrapper reaches the ops through at the grouped ops, and with
     `mode` kernel or fused its `add_lora_linear` at that path and its `add_lora_logits` and
-    `add_lora_embedding` at the skipping ones. Raises `kernel.KernelError` (changing nothing) for kernel where it is not built."""
+    `add_lora_embedding` at the skipping ones. Raises `kernel.KernelError` (changing nothing) for
+    kernel where it is not built."""
     if mode not in (KERNEL, FUSED, GROUPED):
         raise ValueError(f"patch(mode={mode!r}): valid modes are {KERNEL!r}, {FUSED!r} and {GROUPED!r}; "
                          "restore() is off")
