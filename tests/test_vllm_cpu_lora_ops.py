@@ -380,8 +380,22 @@ def set_batch(wrapper, token_ids: list[int], slots: int, is_prefill: bool) -> No
     wrapper.update_metadata(mapping, list(range(1, slots + 1)), slots, vocab_size=100)
 
 
-def add_lora_linear(mode: str, wrapper, y, x, lora_a, lora_b, output_slices) -> torch.Tensor:
+def switch(mode: str) -> None:
+    """Run the punica wrapper in `mode` from now on (off: vLLM's own ops)."""
     vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+
+
+def count_vllm_calls(monkeypatch, name: str) -> list:
+    """A list that grows by one each time the plugin hands wrapper entry point `name` on to vLLM's own."""
+    from mtft.serve.vllm_plugin import plugin
+
+    calls, original = [], vllm_plugin.vllm_ops()[name]
+    monkeypatch.setitem(plugin._vllm_ops, name, lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def add_lora_linear(mode: str, wrapper, y, x, lora_a, lora_b, output_slices) -> torch.Tensor:
+    switch(mode)
     assert vllm_plugin.active_mode() == mode
     y = y.clone()
     wrapper.add_lora_linear(y, x, lora_a, lora_b, 1.0, output_slices)
@@ -444,12 +458,10 @@ def test_the_lm_head_lora_is_skipped_only_while_no_slot_holds_head_weights(unpat
     lora_a, lora_b = torch.randn(slots, 1, 8, hidden), torch.zeros(slots, 1, vocab, 8)
     x, logits = torch.randn(6, hidden), torch.randn(6, vocab)
     set_batch(wrapper, [2, 2, 3, 0, 2, 3], slots, is_prefill=False)
-    calls = []
-    vllm_logits = vllm_plugin.vllm_ops()[plugin.LOGITS]
-    monkeypatch.setitem(plugin._vllm_ops, plugin.LOGITS, lambda *a, **k: calls.append(1) or vllm_logits(*a, **k))
+    calls = count_vllm_calls(monkeypatch, plugin.LOGITS)
 
     def head(mode: str) -> torch.Tensor:
-        vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+        switch(mode)
         y = logits.clone()
         wrapper.add_lora_logits(y, x, lora_a, lora_b, 1.0)
         return y
@@ -472,13 +484,10 @@ def test_the_embedding_lora_is_skipped_only_while_no_slot_holds_embedding_weight
     lora_b = torch.zeros(slots, 1, hidden, 8)
     low, embedded = torch.randn(6, 8), torch.randn(6, hidden)
     set_batch(wrapper, [2, 2, 3, 0, 2, 3], slots, is_prefill=False)
-    calls = []
-    vllm_embedding = vllm_plugin.vllm_ops()[plugin.EMBEDDING]
-    monkeypatch.setitem(plugin._vllm_ops, plugin.EMBEDDING,
-                        lambda *a, **k: calls.append(1) or vllm_embedding(*a, **k))
+    calls = count_vllm_calls(monkeypatch, plugin.EMBEDDING)
 
     def embedding(mode: str) -> torch.Tensor:
-        vllm_plugin.restore() if mode == vllm_plugin.OFF else vllm_plugin.patch(mode)
+        switch(mode)
         y = embedded.clone()
         wrapper.add_lora_embedding(y, low, lora_b, add_input=True)  # vLLM's own call, its keyword included
         return y
